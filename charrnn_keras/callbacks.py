@@ -1,0 +1,153 @@
+"""Training callbacks that Keras does not ship: state resets, periodic checkpoints named with the
+validation loss, a time budget, and a sample after every epoch."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from charrnn_keras.model import reset_states, rnn_layers
+
+logger = logging.getLogger(__name__)
+
+
+class ResetStates(keras.callbacks.Callback):
+    """Zeroes the recurrent state at each epoch start and around validation.
+
+    The stateful model carries state from batch to batch; validation text is not a continuation
+    of where training stopped, nor training of where validation stopped.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        reset_states(self.model)
+
+    def on_test_begin(self, logs=None):
+        reset_states(self.model)
+
+    def on_test_end(self, logs=None):
+        reset_states(self.model)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training cleanly once ``max_minutes`` have passed since ``fit`` began.
+
+    Args:
+        max_minutes: the budget; 0 disables it.
+    """
+
+    def __init__(self, max_minutes: float):
+        super().__init__()
+        if not max_minutes >= 0:
+            raise ValueError(f"max_minutes must be 0 or more, received: max_minutes={max_minutes}")
+        self.max_minutes = max_minutes
+        self.expired = False
+        self._start = None
+
+    def on_train_begin(self, logs=None):
+        self._start = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.max_minutes and time.monotonic() - self._start > self.max_minutes * 60:
+            self.expired = True
+            self.model.stop_training = True
+
+
+class PeriodicCheckpoint(keras.callbacks.Callback):
+    """Every ``every`` steps, measures validation loss and saves ``i{step}_l{units}_v{loss}``.
+
+    The recurrent state of the batch in flight is set aside during validation and put back,
+    so the checkpoint does not disturb training.
+
+    Args:
+        every: steps between checkpoints (> 0).
+        directory: where checkpoints go.
+        units: ``rnn_size``, for the file name.
+        val_data: a tf.data.Dataset of validation batches, or None to name with the train loss.
+        steps_per_epoch: to count steps across epochs and resumes.
+    """
+
+    def __init__(self, every: int, directory, units: int, val_data, steps_per_epoch: int):
+        super().__init__()
+        if every <= 0:
+            raise ValueError(f"every must be greater than 0, received: every={every}")
+        self.every = every
+        self.directory = Path(directory)
+        self.units = units
+        self.val_data = val_data
+        self.steps_per_epoch = steps_per_epoch
+        self._epoch = 0
+        self._loss_fn = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._epoch * self.steps_per_epoch + batch + 1
+        if step % self.every:
+            return
+        loss = self.validation_loss() if self.val_data is not None else (logs or {}).get("loss")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"i{step}_l{self.units}_v{float(loss):.3f}.weights.h5"
+        self.model.save_weights(path)
+        logger.info("step %d: validation loss %.4f, saved %s", step, loss, path.name)
+
+    def validation_loss(self) -> float:
+        """Returns the mean validation loss, leaving the training state as it was."""
+        if self._loss_fn is None:
+            model = self.model
+
+            @tf.function
+            def batch_loss(x, y):
+                logits = model(x, training=False)
+                return tf.reduce_mean(
+                    keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+                )
+
+            self._loss_fn = batch_loss
+        layers = rnn_layers(self.model)
+        saved = [[np.array(v) for v in layer.states] for layer in layers]
+        reset_states(self.model)
+        losses = [float(self._loss_fn(x, y)) for x, y in self.val_data]
+        for layer, values in zip(layers, saved, strict=True):
+            for var, value in zip(layer.states, values, strict=True):
+                var.assign(value)
+        return float(np.mean(losses)) if losses else math.nan
+
+
+class SampleText(keras.callbacks.Callback):
+    """Writes a short sample after each epoch with the weights of the moment.
+
+    The sample is logged and written to TensorBoard as text.
+
+    Args:
+        sampler: a ``sampling.Sampler`` for this model's config and vocabulary.
+        num_chars: characters per sample (> 0).
+        log_dir: TensorBoard directory, or None.
+        seed: seed for the draws, so samples from epoch to epoch differ only by the weights.
+        temperature: softmax temperature for the sample.
+    """
+
+    def __init__(self, sampler, num_chars: int, log_dir=None, seed: int = 0, temperature=0.8):
+        super().__init__()
+        if num_chars <= 0:
+            raise ValueError(f"num_chars must be greater than 0, received: num_chars={num_chars}")
+        self.sampler = sampler
+        self.num_chars = num_chars
+        self.seed = seed
+        self.temperature = temperature
+        self._writer = tf.summary.create_file_writer(str(log_dir)) if log_dir else None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.sampler.set_weights_from(self.model)
+        text = self.sampler.sample("", self.num_chars, temperature=self.temperature, seed=self.seed)
+        logger.info("sample after epoch %d:\n%s", epoch + 1, text)
+        if self._writer is not None:
+            with self._writer.as_default():
+                tf.summary.text("sample", text, step=epoch + 1)
+            self._writer.flush()

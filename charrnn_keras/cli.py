@@ -1,0 +1,235 @@
+"""The ``charrnn`` command: train, sample, export, serve, query.
+
+This is the only module that prints. Errors a user can fix (``CharRNNError``) are shown as one
+line on stderr with exit status 2; library modules log through ``logging``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from charrnn_keras.errors import CharRNNError
+
+EXIT_USAGE = 2
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def cmd_train(args) -> int:
+    from charrnn_keras.config import load_config
+    from charrnn_keras.train import train
+
+    cfg = load_config(args.config, args.set or ())
+    result = train(
+        cfg,
+        data=args.data,
+        run_dir=args.run_dir,
+        overwrite=args.overwrite,
+        config_name=_config_name(args.config),
+        verbose=0 if args.quiet else 1,
+    )
+    print(f"run directory: {result.run_dir}")
+    if result.best_val_loss is not None:
+        print(
+            f"best validation loss: {result.best_val_loss:.4f} nats/char "
+            f"({result.best_val_bpc:.4f} bits/char)"
+        )
+    if result.sample:
+        print("sample:")
+        print(result.sample)
+    if result.stopped_early:
+        print(result.stopped_early)
+    return 0
+
+
+def _config_name(path) -> str:
+    from pathlib import Path
+
+    return Path(path).stem if path else "default"
+
+
+def cmd_sample(args) -> int:
+    from charrnn_keras.sampling import Sampler
+
+    sampler = Sampler.from_run_dir(args.run_dir, args.checkpoint)
+    prime = sampler.prepare_prime(args.prime, unknown=args.unknown)
+    sys.stdout.write(prime)
+    for char in sampler.generate(
+        prime,
+        num_chars=args.num_chars,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        strategy=args.strategy,
+        seed=args.seed,
+    ):
+        sys.stdout.write(char)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from charrnn_keras.export import export_run
+
+    path = export_run(
+        args.run_dir,
+        export_dir=args.export_dir,
+        model_name=args.model_name,
+        version=args.version,
+        checkpoint=args.checkpoint,
+        max_chars=args.max_chars,
+    )
+    print(f"exported SavedModel: {path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from charrnn_keras.serving.server import serve
+
+    serve(args.export_dir, args.model_name, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_query(args) -> int:
+    from charrnn_keras.serving.client import Client
+
+    with Client(args.server, args.model_name, timeout=args.timeout) as client:
+        text = client.generate(
+            args.prime,
+            num_chars=args.num_chars,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    print(args.prime + text)
+    return 0
+
+
+def _add_generation_flags(p, seed_default) -> None:
+    p.add_argument("--num-chars", "-n", type=int, default=500, help="characters to generate")
+    p.add_argument(
+        "--temperature",
+        "-t",
+        type=float,
+        default=1.0,
+        help="divides the logits: lower is safer, higher is wilder; 0 = always the most likely",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="draw only among the k most likely (0 = all)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=seed_default,
+        help="same seed, same text (the SavedModel seed [S, 0]); default %(default)s",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="charrnn",
+        description="Character-level RNN language models: train, sample, export to TF Serving.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model; re-run the same command to resume")
+    p.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    p.add_argument(
+        "--data",
+        "-d",
+        help="UTF-8 text file or directory of them (default: Python's standard library source)",
+    )
+    p.add_argument(
+        "--run-dir",
+        help="where the run lives (default: runs/<config name>, or a new runs/<name>-N "
+        "if that one has finished)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="write text with a trained run")
+    p.add_argument("--run-dir", required=True, help="a run directory from charrnn train")
+    p.add_argument("--checkpoint", help="weights file (default: the best checkpoint)")
+    p.add_argument(
+        "--prime",
+        "-p",
+        default="",
+        help="text to start from; empty starts from a newline if the vocabulary has one, "
+        "else from its most frequent character",
+    )
+    _add_generation_flags(p, seed_default=0)
+    p.add_argument(
+        "--strategy",
+        choices=["sample", "words"],
+        default="sample",
+        help="sample: draw every character; words: draw at the start of a word, "
+        "then the most likely character inside it",
+    )
+    p.add_argument(
+        "--unknown",
+        choices=["error", "skip"],
+        default="error",
+        help="prime characters missing from the vocabulary: error (default) or skip them",
+    )
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a versioned SavedModel for TF Serving")
+    p.add_argument("--run-dir", required=True, help="a run directory from charrnn train")
+    p.add_argument("--checkpoint", help="weights file (default: the best checkpoint)")
+    p.add_argument("--export-dir", default="export", help="TF Serving base path")
+    p.add_argument("--model-name", default="charrnn", help="model name (a folder in export-dir)")
+    p.add_argument("--version", type=int, help="version number (default: next free)")
+    p.add_argument("--max-chars", type=int, default=10_000, help="cap on num_chars per request")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")
+    p.add_argument("--export-dir", default="export", help="TF Serving base path")
+    p.add_argument("--model-name", default="charrnn")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8500)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("query", help="ask a TF Serving server for text")
+    p.add_argument("--server", default="localhost:8500")
+    p.add_argument("--model-name", default="charrnn")
+    p.add_argument("--prime", "-p", default="")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    _add_generation_flags(p, seed_default=0)
+    p.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_tensorflow()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except CharRNNError as e:
+        print(f"charrnn {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"charrnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Typed run configuration: dataclasses read from commented TOML, with dotted overrides.
+
+A config file has three tables, ``[data]``, ``[model]`` and ``[train]``; any key left out keeps
+its default. ``--set train.epochs=3`` overrides one key after the file is read, and is checked
+against the field's type like the file itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from charrnn_keras.errors import CharRNNError
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+class ConfigError(CharRNNError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+@dataclass
+class DataConfig:
+    """How the corpus is cut into training batches.
+
+    Args:
+        batch_size: parallel streams per batch (rows).
+        seq_length: characters per row per batch (time steps unrolled).
+        val_fraction: the last fraction of the text held out for validation; 0 disables it.
+        max_chars: cap on the built-in corpus (used only when no ``--data`` is given).
+    """
+
+    batch_size: int = 32
+    seq_length: int = 64
+    val_fraction: float = 0.05
+    max_chars: int = 2_000_000
+
+
+@dataclass
+class ModelConfig:
+    """The network: Embedding, ``num_layers`` recurrent layers, Dense logits.
+
+    Args:
+        cell: recurrent layer type, one of ``lstm``, ``gru``, ``rnn``.
+        embedding_dim: size of the character embedding.
+        rnn_size: units in each recurrent layer.
+        num_layers: number of stacked recurrent layers.
+        dropout: dropout rate after each recurrent layer during training (0 = none).
+    """
+
+    cell: str = "lstm"
+    embedding_dim: int = 64
+    rnn_size: int = 128
+    num_layers: int = 2
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and its callbacks.
+
+    Args:
+        epochs: passes over the training split.
+        learning_rate: Adam's initial learning rate.
+        lr_decay: per-epoch decay; epoch e uses ``learning_rate * lr_decay**e``.
+        grad_clip: clip gradients to this global norm (0 = no clipping).
+        max_minutes: time budget; training stops cleanly, saved, when it runs out (0 = none).
+        seed: seeds weight initialisation and dropout.
+        checkpoint_every: save a named checkpoint every this many steps (0 = only the best).
+        sample_chars: length of the sample shown after each epoch and at the end (0 = none).
+    """
+
+    epochs: int = 10
+    learning_rate: float = 0.002
+    lr_decay: float = 0.97
+    grad_clip: float = 5.0
+    max_minutes: float = 0.0
+    seed: int = 42
+    checkpoint_every: int = 0
+    sample_chars: int = 200
+
+
+@dataclass
+class Config:
+    """A whole run's settings; the resolved copy is saved in every run directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """Returns the config as TOML that ``load_config`` reads back to an equal config."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def _check_type(key: str, value, expected: type):
+    """Returns ``value`` converted to ``expected`` or raises ConfigError naming ``key``."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"{key} must be {expected.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    """Raises ConfigError for values no run can use."""
+    positive = [
+        ("data.batch_size", cfg.data.batch_size),
+        ("data.seq_length", cfg.data.seq_length),
+        ("data.max_chars", cfg.data.max_chars),
+        ("model.embedding_dim", cfg.model.embedding_dim),
+        ("model.rnn_size", cfg.model.rnn_size),
+        ("model.num_layers", cfg.model.num_layers),
+        ("train.epochs", cfg.train.epochs),
+        ("train.learning_rate", cfg.train.learning_rate),
+        ("train.lr_decay", cfg.train.lr_decay),
+    ]
+    for key, value in positive:
+        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{key} must be greater than 0, got {value!r}")
+    non_negative = [
+        ("train.grad_clip", cfg.train.grad_clip),
+        ("train.max_minutes", cfg.train.max_minutes),
+        ("train.checkpoint_every", cfg.train.checkpoint_every),
+        ("train.sample_chars", cfg.train.sample_chars),
+    ]
+    for key, value in non_negative:
+        if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{key} must be 0 or more, got {value!r}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout!r}")
+    if cfg.model.cell not in CELLS:
+        raise ConfigError(f"model.cell must be one of {', '.join(CELLS)}, got {cfg.model.cell!r}")
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Builds a validated Config from nested dicts, rejecting unknown sections and keys.
+
+    Args:
+        raw: ``{"data": {...}, "model": {...}, "train": {...}}``; missing keys keep defaults.
+        source: where ``raw`` came from, for error messages.
+
+    Returns:
+        The validated Config.
+    """
+    sections = _sections()
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(
+                f"{source}: unknown section [{section}]; expected one of {', '.join(sections)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        target = getattr(cfg, section)
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                known = ", ".join(f"{section}.{k}" for k in hints)
+                raise ConfigError(f"{source}: unknown key {section}.{key}; known keys: {known}")
+            setattr(target, key, _check_type(f"{section}.{key}", value, hints[key]))
+    _validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """Splits ``section.key=value``; the value is read as TOML, or as a bare string.
+
+    Returns:
+        ``(section, key, value)``.
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=3")
+    dotted, value_text = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.epochs")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()  # so that `model.cell=gru` needs no quotes
+    return parts[0], parts[1], value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads a TOML config file (or the defaults) and applies ``--set`` overrides.
+
+    Args:
+        path: a TOML file with ``[data]``, ``[model]``, ``[train]`` tables, or None for defaults.
+        overrides: ``section.key=value`` strings, applied in order.
+
+    Returns:
+        The validated Config.
+    """
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        raw[section][key] = value
+    return config_from_dict(raw, source)

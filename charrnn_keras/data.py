@@ -1,0 +1,275 @@
+"""Corpus reading, encoding cache, splits, and the stateful batch layout.
+
+The layout is the one a stateful RNN needs: each split is cut into ``batch_size`` contiguous
+streams, and batch k holds characters ``[k*seq_length, (k+1)*seq_length)`` of every stream, so
+row i of batch k+1 continues exactly where row i of batch k ended. Targets are the inputs
+shifted by one character. Batches are never shuffled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from charrnn_keras.errors import CharRNNError
+from charrnn_keras.vocab import Vocab
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = "builtin:stdlib"
+
+
+class DataError(CharRNNError):
+    """A corpus that cannot be used; the message names the file or the numbers involved."""
+
+
+@dataclass
+class Corpus:
+    """An encoded corpus.
+
+    Args:
+        ids: the text as vocabulary ids (unsigned ints, smallest dtype that fits).
+        vocab: its vocabulary.
+        source: where it came from (a path or ``builtin:stdlib``).
+        digest: sha256 of the raw bytes, the cache key.
+    """
+
+    ids: np.ndarray
+    vocab: Vocab
+    source: str
+    digest: str
+
+
+def _decode(raw: bytes, name: str) -> np.ndarray:
+    """Returns the code points of UTF-8 ``raw``; raises DataError naming the file and offset."""
+    if b"\x00" in raw:
+        offset = raw.index(b"\x00")
+        raise DataError(
+            f"{name} looks binary (a NUL byte at offset {offset}); give a UTF-8 text file"
+        )
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if not (data >= 0x80).any():  # ASCII: bytes are code points; saves a 4x copy on large files
+        return data
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{name} is not UTF-8: invalid byte 0x{raw[e.start]:02x} at byte offset {e.start}; "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _list_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise DataError(f"directory {path} has no files; put .txt files in it")
+        return files
+    raise DataError(f"data path {path} does not exist")
+
+
+def _builtin_files() -> list[Path]:
+    """The running interpreter's standard library sources, in a fixed order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
+    return sorted(
+        (p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts)),
+        key=lambda p: p.relative_to(stdlib).as_posix(),
+    )
+
+
+def read_raw(data: str | None, max_chars: int) -> tuple[bytes, str]:
+    """Reads the corpus bytes.
+
+    Args:
+        data: a UTF-8 file, a directory of them (read in sorted order), or None for the
+            built-in corpus (the Python standard library's sources, capped at ``max_chars``).
+        max_chars: cap for the built-in corpus.
+
+    Returns:
+        ``(raw_bytes, source_description)``.
+    """
+    if data is None or data == BUILTIN:
+        parts, total = [], 0
+        for p in _builtin_files():
+            try:
+                text = p.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            parts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                break
+        text = "\n".join(parts)[:max_chars]
+        if not text:
+            raise DataError("the built-in corpus is empty: no standard library sources found")
+        return text.encode("utf-8"), BUILTIN
+    path = Path(data)
+    files = _list_files(path)
+    if len(files) == 1:
+        return files[0].read_bytes(), str(path)
+    chunks = []
+    for f in files:
+        raw = f.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            logger.warning("skipping %s: not UTF-8 text", f)
+            continue
+        if b"\x00" in raw or not raw:
+            logger.warning("skipping %s: empty or binary", f)
+            continue
+        chunks.append(raw)
+    if not chunks:
+        raise DataError(f"directory {path} has no UTF-8 text files")
+    return b"\n".join(chunks), str(path)
+
+
+def load_corpus(data: str | None, max_chars: int, cache_dir: str | Path | None) -> Corpus:
+    """Reads and encodes a corpus, reusing the encoding cached under ``cache_dir``.
+
+    Args:
+        data: see ``read_raw``.
+        max_chars: cap for the built-in corpus.
+        cache_dir: where encoded corpora are kept, keyed by the sha256 of their bytes.
+
+    Returns:
+        The Corpus.
+    """
+    raw, source = read_raw(data, max_chars)
+    if not raw:
+        raise DataError(f"{source} is empty; give a text with at least a few thousand characters")
+    digest = hashlib.sha256(raw).hexdigest()
+    cached = _cache_paths(cache_dir, digest)
+    if cached and cached[0].exists() and cached[1].exists():
+        try:
+            ids = np.load(cached[0], allow_pickle=False)
+            vocab = Vocab.load(cached[1])
+            logger.info("loaded encoded corpus from cache %s", cached[0])
+            return Corpus(ids, vocab, source, digest)
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring damaged corpus cache %s: %s", cached[0], e)
+    vocab, ids = Vocab.from_codepoints(_decode(raw, source))
+    if cached:
+        cached[0].parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached[0].with_name(cached[0].name + ".tmp.npy")
+        np.save(tmp, ids, allow_pickle=False)
+        os.replace(tmp, cached[0])
+        vocab.save(cached[1])
+    return Corpus(ids, vocab, source, digest)
+
+
+def _cache_paths(cache_dir, digest):
+    if cache_dir is None:
+        return None
+    base = Path(cache_dir) / digest[:16]
+    return base.with_suffix(".npy"), base.with_suffix(".vocab.json")
+
+
+def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns ``(train, val)``: val is the last ``val_fraction`` of the text."""
+    n_train = len(ids) - int(len(ids) * val_fraction)
+    return ids[:n_train], ids[n_train:]
+
+
+def min_chars(batch_size: int, seq_length: int, val_fraction: float) -> int:
+    """Returns the smallest corpus that gives one batch of training (and of validation)."""
+    need = batch_size * seq_length + 1
+    if val_fraction <= 0:
+        return need
+    # Both splits need `need` characters; int() truncation in split() may cost one more.
+    return max(int(np.ceil(need / val_fraction)), int(np.ceil(need / (1 - val_fraction)))) + 1
+
+
+def check_size(n_chars: int, batch_size: int, seq_length: int, val_fraction: float) -> None:
+    """Raises DataError when the corpus cannot fill one batch of each split."""
+    need = min_chars(batch_size, seq_length, val_fraction)
+    train, val = split(np.empty(n_chars, np.uint8), val_fraction)
+    too_small = len(train) < batch_size * seq_length + 1 or (
+        val_fraction > 0 and len(val) < batch_size * seq_length + 1
+    )
+    if too_small:
+        raise DataError(
+            f"corpus has {n_chars:,} characters; batch_size={batch_size} x "
+            f"seq_length={seq_length} with val_fraction={val_fraction} needs at least "
+            f"{need:,}. Use more text or lower data.batch_size / data.seq_length"
+        )
+
+
+def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int):
+    """Lays out a split as ``batch_size`` parallel streams.
+
+    Args:
+        ids: one split of the encoded text.
+        batch_size: rows per batch.
+        seq_length: characters per row per batch.
+
+    Returns:
+        ``(x, y)``, each ``[num_batches, batch_size, seq_length]``, where ``y`` is ``x`` shifted
+        by one character and ``x[k+1, i, 0]`` follows ``x[k, i, -1]`` in the text.
+    """
+    num_batches = (len(ids) - 1) // (batch_size * seq_length)
+    if num_batches < 1:
+        raise DataError(
+            f"a split of {len(ids):,} characters is too small for one batch of "
+            f"{batch_size} x {seq_length}"
+        )
+    n = num_batches * batch_size * seq_length
+
+    def layout(a):
+        return np.ascontiguousarray(
+            a.reshape(batch_size, num_batches, seq_length).transpose(1, 0, 2)
+        )
+
+    return layout(ids[:n]), layout(ids[1 : n + 1])
+
+
+def make_dataset(ids: np.ndarray, batch_size: int, seq_length: int):
+    """Returns a tf.data.Dataset of ``(inputs, targets)`` int32 batches in stream order.
+
+    Args:
+        ids: one split of the encoded text.
+        batch_size: rows per batch.
+        seq_length: characters per row per batch.
+
+    Returns:
+        ``(dataset, num_batches)``.
+    """
+    import tensorflow as tf
+
+    x, y = stream_batches(ids, batch_size, seq_length)
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.int32), tf.cast(b, tf.int32)))
+    return ds.prefetch(tf.data.AUTOTUNE), len(x)
+
+
+def describe(corpus: Corpus) -> dict:
+    """Returns JSON-able facts about a corpus for the run directory."""
+    return {
+        "source": corpus.source,
+        "sha256": corpus.digest,
+        "chars": int(len(corpus.ids)),
+        "vocab_size": len(corpus.vocab),
+    }
+
+
+def dump_json(obj, path: str | Path) -> None:
+    """Writes JSON atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

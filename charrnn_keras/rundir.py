@@ -1,0 +1,119 @@
+"""The run directory: everything a run needs to be resumed, sampled or exported.
+
+Layout::
+
+    <run>/config.toml          resolved config (what `charrnn train` actually used)
+    <run>/run.json             status, corpus facts, best validation loss
+    <run>/vocab.json           the vocabulary
+    <run>/checkpoints/best.weights.h5                best validation loss so far
+    <run>/checkpoints/i{step}_l{units}_v{val}.weights.h5   periodic (train.checkpoint_every)
+    <run>/backup/              Keras BackupAndRestore state (deleted when the run finishes)
+    <run>/history.csv          one row per epoch
+    <run>/logs/                TensorBoard
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from charrnn_keras.config import Config, ConfigError, load_config
+from charrnn_keras.errors import CharRNNError
+from charrnn_keras.vocab import VOCAB_FILE, Vocab
+
+CONFIG_FILE = "config.toml"
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+BEST = "best.weights.h5"
+BACKUP_DIR = "backup"
+HISTORY = "history.csv"
+LOGS = "logs"
+_PERIODIC = re.compile(r"i(\d+)_l\d+_v[\d.]+(nan|inf)?\.weights\.h5$")
+
+
+class RunDirError(CharRNNError):
+    """A run directory that is missing, incomplete or damaged."""
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """Returns run.json's contents, or {} if the run has none yet."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(
+            f"{path} is damaged ({e}); it should be JSON written by training"
+        ) from None
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, Vocab]:
+    """Reads a run's config and vocabulary.
+
+    Args:
+        run_dir: a directory written by ``charrnn train``.
+
+    Returns:
+        ``(config, vocab)``.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist; train one with charrnn train")
+    if not (run_dir / CONFIG_FILE).exists():
+        raise RunDirError(f"{run_dir} is not a run directory: it has no {CONFIG_FILE}")
+    try:
+        cfg = load_config(run_dir / CONFIG_FILE)
+    except ConfigError as e:
+        raise RunDirError(str(e)) from None
+    return cfg, Vocab.load(run_dir / VOCAB_FILE)
+
+
+def periodic_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Returns the run's periodic checkpoints, oldest step first."""
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("i*.weights.h5")
+             if (m := _PERIODIC.match(p.name))]  # fmt: skip
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Chooses the weights to load: ``checkpoint`` if given, else the best, else the latest.
+
+    Args:
+        run_dir: the run directory.
+        checkpoint: a weights file; a bare name is looked up in the run's checkpoints/.
+
+    Returns:
+        The path of an existing ``.weights.h5`` file.
+    """
+    run_dir = Path(run_dir)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.exists() and (run_dir / CHECKPOINT_DIR / path).exists():
+            path = run_dir / CHECKPOINT_DIR / path
+        if not path.exists():
+            raise RunDirError(f"checkpoint {checkpoint} does not exist")
+        return path
+    best = run_dir / CHECKPOINT_DIR / BEST
+    if best.exists():
+        return best
+    periodic = periodic_checkpoints(run_dir)
+    if periodic:
+        return periodic[-1]
+    raise RunDirError(
+        f"{run_dir} holds no checkpoint yet; train until the first epoch ends "
+        f"(or pass --checkpoint FILE)"
+    )
+
+
+def load_weights(model, path: str | Path) -> None:
+    """Loads weights into ``model``; a damaged file gets an error naming it."""
+    try:
+        model.load_weights(path)
+    except Exception as e:  # h5py and Keras raise many types for a bad file
+        raise RunDirError(
+            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
+            f"it is damaged or from another model; pick another with --checkpoint"
+        ) from None
