@@ -13,8 +13,6 @@ import sys
 
 from charrnn_keras.errors import CharRNNError
 
-EXIT_USAGE = 2
-
 
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -59,15 +57,17 @@ def cmd_sample(args) -> int:
 
     sampler = Sampler.from_run_dir(args.run_dir, args.checkpoint)
     prime = sampler.prepare_prime(args.prime, unknown=args.unknown)
-    sys.stdout.write(prime)
-    for char in sampler.generate(
+    # generate() checks the settings when called, so a bad one is reported before any output.
+    chars = sampler.generate(
         prime,
         num_chars=args.num_chars,
         temperature=args.temperature,
         top_k=args.top_k,
         strategy=args.strategy,
         seed=args.seed,
-    ):
+    )
+    sys.stdout.write(prime)
+    for char in chars:
         sys.stdout.write(char)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except CharRNNError as e:
         print(f"charrnn {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"charrnn {args.command}: interrupted", file=sys.stderr)
         return 130

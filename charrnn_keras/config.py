@@ -35,7 +35,7 @@ class DataConfig:
         max_chars: cap on the built-in corpus (used only when no ``--data`` is given).
     """
 
-    batch_size: int = 32
+    batch_size: int = 64
     seq_length: int = 64
     val_fraction: float = 0.05
     max_chars: int = 2_000_000
@@ -82,7 +82,7 @@ class TrainConfig:
     max_minutes: float = 0.0
     seed: int = 42
     checkpoint_every: int = 0
-    sample_chars: int = 200
+    sample_chars: int = 300
 
 
 @dataclass

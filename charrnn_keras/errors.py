@@ -2,4 +2,9 @@
 
 
 class CharRNNError(ValueError):
-    """Bad input or state that the user can fix; ``str(e)`` says what and how."""
+    """Bad input or state that the user can fix; ``str(e)`` says what and how.
+
+    ``exit_code`` is the status the CLI exits with.
+    """
+
+    exit_code = 2

@@ -34,6 +34,8 @@ SAMPLE_TEMPERATURE = 0.8  # a little below 1: end-of-run samples read better, st
 class TrainingInterrupted(CharRNNError):
     """Ctrl-C during training; the message says how to resume."""
 
+    exit_code = 130  # what a shell reports for a process stopped by SIGINT
+
 
 @dataclass
 class TrainResult:

@@ -1,0 +1,62 @@
+# Every target sets up .venv on first use, so each works as the first command on a new machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+CONFIG     ?= configs/default.toml
+DATA       ?=
+RUN_DIR    ?=
+ARGS       ?=
+EXPORT_DIR ?= export
+MODEL_NAME ?= charrnn
+PORT       ?= 8500
+PRIME      ?=
+NUM_CHARS  ?= 500
+SEED       ?= 0
+
+.DEFAULT_GOAL := help
+.PHONY: help install train sample export serve test lint bench
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) DATA=<text file or dir> RUN_DIR=<run> ARGS='--set k=v'"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with its dev tools
+
+train: $(STAMP)  ## train (CONFIG, DATA, RUN_DIR, ARGS); re-run the same command to resume
+	$(BIN)/charrnn train --config $(CONFIG) $(if $(DATA),--data $(DATA)) \
+		$(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(ARGS)
+
+sample: $(STAMP)  ## write text with a run (RUN_DIR, default runs/default; PRIME, NUM_CHARS, SEED)
+	$(BIN)/charrnn sample --run-dir $(or $(RUN_DIR),runs/default) --prime '$(PRIME)' \
+		--num-chars $(NUM_CHARS) --seed $(SEED) $(ARGS)
+
+export: $(STAMP)  ## export a run (RUN_DIR) as a new SavedModel version under export/
+	$(BIN)/charrnn export --run-dir $(or $(RUN_DIR),runs/default) --export-dir $(EXPORT_DIR) \
+		--model-name $(MODEL_NAME) $(ARGS)
+
+serve: $(STAMP)  ## serve export/ on PORT: tensorflow_model_server if installed, else ours
+	@if command -v tensorflow_model_server >/dev/null; then \
+		tensorflow_model_server --port=$(PORT) \
+			--model_config_file=$(abspath $(EXPORT_DIR))/models.config; \
+	else \
+		$(BIN)/charrnn serve --export-dir $(EXPORT_DIR) --model-name $(MODEL_NAME) --port $(PORT); \
+	fi
+
+test: $(STAMP)  ## run the test suite
+	$(BIN)/pytest -q
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)  ## run the benchmarks and rewrite BENCHMARKS.md (installs torch==2.13.0)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run_all.py $(ARGS)
