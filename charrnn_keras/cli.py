@@ -229,6 +229,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"charrnn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `charrnn sample | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

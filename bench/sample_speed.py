@@ -1,0 +1,72 @@
+"""Characters per second of ``Sampler.generate`` for 2-layer LSTMs with random weights.
+
+Usage::
+
+    python bench/sample_speed.py                   # 2x128 and 2x512, 5 windows of 500 chars
+    python bench/sample_speed.py --sizes 128 --windows 3 --chars 200
+
+Each size gets one warm-up generation (tracing the compiled step), then ``--windows`` timed
+generations of ``--chars`` characters; min/median/max characters per second are printed. The
+weights are random: speed does not depend on what the model has learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import string
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from charrnn_keras.config import ModelConfig  # noqa: E402
+from charrnn_keras.sampling import Sampler  # noqa: E402
+from charrnn_keras.vocab import Vocab  # noqa: E402
+
+# tiny-shakespeare's 65 characters
+CHARS = "\n !$&',-.3:;?" + string.ascii_uppercase + string.ascii_lowercase
+PRIME = "The "
+
+
+def measure(rnn_size: int, chars: int, windows: int, temperature: float) -> list[float]:
+    """Returns characters/second for each timed window of a 2-layer LSTM of ``rnn_size``."""
+    keras.utils.set_random_seed(0)
+    vocab = Vocab(CHARS)
+    sampler = Sampler(ModelConfig(embedding_dim=64, rnn_size=rnn_size, num_layers=2), vocab)
+    sampler.sample(PRIME, chars, temperature=temperature)  # warm-up: traces the step once
+    rates = []
+    for window in range(windows):
+        start = time.perf_counter()
+        for _ in sampler.generate(PRIME, chars, temperature=temperature, seed=window):
+            pass
+        rates.append(chars / (time.perf_counter() - start))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512], help="LSTM units")
+    parser.add_argument("--chars", type=int, default=500, help="characters per timed window")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per size")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    args = parser.parse_args()
+    devices = ", ".join(d.device_type for d in tf.config.list_logical_devices())
+    print(f"tensorflow {tf.__version__}, keras {keras.__version__}, devices: {devices}")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"{'model':>8} {'min':>9} {'median':>9} {'max':>9}  chars/s")
+    for size in args.sizes:
+        rates = measure(size, args.chars, args.windows, args.temperature)
+        print(
+            f"{'2x' + str(size):>8} {min(rates):9.0f} {statistics.median(rates):9.0f} "
+            f"{max(rates):9.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The sampling model and the draw loop: state, reproducibility, temperature, top-k, primes, CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from charrnn_keras import cli, rundir
+from charrnn_keras.config import Config, ModelConfig
+from charrnn_keras.draw import draw_next, seed_pair
+from charrnn_keras.errors import CharRNNError
+from charrnn_keras.model import build_model, reset_states, state_names, step
+from charrnn_keras.sampling import Sampler
+from charrnn_keras.vocab import Vocab
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = "the cat sat on the mat.\nthe dog sat on the log.\n"
+VOCAB = Vocab.from_codepoints(np.array([ord(c) for c in TEXT]))[0]
+CFG = ModelConfig(embedding_dim=8, rnn_size=16, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def sampler() -> Sampler:
+    keras.utils.set_random_seed(3)
+    s = Sampler(CFG, VOCAB)
+    # Larger weights than the initialiser's: sharper logits that depend more on the state.
+    s.model.set_weights([3.0 * w for w in s.model.get_weights()])
+    return s
+
+
+@pytest.fixture(scope="module")
+def hand_run(tmp_path_factory, sampler):
+    """A run directory written by hand (no training), holding ``sampler``'s weights."""
+    run = tmp_path_factory.mktemp("hand") / "run"
+    (run / rundir.CHECKPOINT_DIR).mkdir(parents=True)
+    (run / rundir.CONFIG_FILE).write_text(Config(model=CFG).to_toml(), encoding="utf-8")
+    VOCAB.save(run / "vocab.json")
+    training = build_model(CFG, len(VOCAB), batch_size=4, seq_length=8)
+    training.set_weights(sampler.model.get_weights())
+    training.save_weights(run / rundir.CHECKPOINT_DIR / rundir.BEST)
+    return run
+
+
+def controlled(vocab: Vocab, bias) -> Sampler:
+    """A sampler whose logits are ``bias`` whatever the input (zero Dense kernel)."""
+    s = Sampler(ModelConfig(embedding_dim=4, rnn_size=8, num_layers=1), vocab)
+    dense = s.model.get_layer("logits")
+    kernel, _ = dense.get_weights()
+    dense.set_weights([np.zeros_like(kernel), np.asarray(bias, np.float32)])
+    return s
+
+
+def reference(sampler, prime, num_chars, temperature=1.0, top_k=0, strategy="sample", seed=0):
+    """The export's algorithm: explicit-state ``model.step`` on a separate model + draw_next."""
+    model = build_model(sampler.cfg, len(sampler.vocab), batch_size=1, seq_length=1)
+    model.set_weights(sampler.model.get_weights())
+    states = [tf.zeros([1, sampler.cfg.rnn_size])] * len(state_names(sampler.cfg))
+    ids = sampler.vocab.encode(prime)
+    for i in ids[:-1]:
+        _, states = step(model, tf.constant([i], tf.int32), states)
+    prev, out = int(ids[-1]), ""
+    for n in range(num_chars):
+        logits, states = step(model, tf.constant([prev], tf.int32), states)
+        t = 0.0 if strategy == "words" and sampler.vocab.chars[prev] != " " else temperature
+        prev = int(draw_next(logits, tf.constant(t), tf.constant(top_k), seed_pair(seed), n)[0])
+        out += sampler.vocab.chars[prev]
+    return out
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_sampling_model_logits_equal_training_model_logits(cell):
+    keras.utils.set_random_seed(5)
+    cfg = ModelConfig(cell=cell, embedding_dim=8, rnn_size=16, num_layers=2, dropout=0.2)
+    training = build_model(cfg, len(VOCAB), batch_size=2, seq_length=8)
+    s = Sampler(cfg, VOCAB)
+    s.set_weights_from(training)
+    ids = VOCAB.encode(TEXT[:16])
+    other = VOCAB.encode(TEXT[16:32])
+    # Two consecutive batches: the training model's state must carry over like the sampler's.
+    expected = np.concatenate(
+        [training(np.stack([ids[k : k + 8], other[k : k + 8]]), training=False)[0] for k in (0, 8)]
+    )
+    reset_states(s.model)
+    got = np.concatenate([s.model(np.array([[i]]), training=False)[0] for i in ids])
+    assert got.shape == (16, len(VOCAB))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 1.0},
+        {"temperature": 0.7, "top_k": 5},
+        {"temperature": 2.0, "strategy": "words"},
+    ],
+    ids=["sample", "top_k", "words"],
+)
+def test_generate_matches_the_exports_explicit_state_algorithm(sampler, settings):
+    got = sampler.sample("the cat ", 40, seed=9, **settings)
+    assert got == reference(sampler, "the cat ", 40, seed=9, **settings)
+
+
+def test_same_seed_same_text_twice(sampler):
+    first = sampler.sample("the ", 60, temperature=1.0, seed=123)
+    assert len(first) == 60
+    sampler.sample("on the log.\n", 30, seed=1)  # leaves another state behind
+    assert sampler.sample("the ", 60, temperature=1.0, seed=123) == first
+    assert sampler.sample("the ", 60, temperature=1.0, seed=124) != first
+
+
+def test_same_seed_same_text_in_another_process(sampler, hand_run):
+    expected = sampler.sample("the ", 50, temperature=0.9, seed=77)
+    args = ["--run-dir", str(hand_run), "-p", "the ", "-n", "50", "-t", "0.9", "--seed", "77"]
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-m", "charrnn_keras.cli", "sample", *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "the " + expected + "\n"
+
+
+def test_temperature_zero_is_argmax_at_every_step(sampler):
+    text = sampler.sample("the d", 30, temperature=0, seed=1)
+    assert sampler.sample("the d", 30, temperature=0, seed=2) == text  # no randomness left
+    reset_states(sampler.model)
+    fed = VOCAB.encode("the d" + text)
+    for n, i in enumerate(fed[:-1]):
+        logits = sampler.model(np.array([[i]]), training=False)[0, -1]
+        if n >= 4:  # from the last prime character on, each output is the next input
+            assert VOCAB.chars[int(np.argmax(logits))] == text[n - 4]
+
+
+def test_top_k_never_draws_outside_the_k_most_likely():
+    vocab = Vocab("abcdefghij")
+    bias = [0.3, 0.9, 0.1, 0.5, 0.8, 0.0, 0.2, 0.7, 0.4, 0.6]  # top 3: b, e, h
+    s = controlled(vocab, bias)
+    assert set(s.sample("a", 200, temperature=20.0, top_k=3, seed=4)) == {"b", "e", "h"}
+    assert set(s.sample("a", 200, temperature=20.0, top_k=1, seed=4)) == {"b"}
+    assert len(set(s.sample("a", 200, temperature=20.0, top_k=0, seed=4))) > 3
+
+
+def test_words_strategy_draws_only_at_the_start_of_a_word():
+    vocab = Vocab(" abcd")
+    s = controlled(vocab, [1.0, 0.9, 0.8, 0.7, 0.6])  # argmax is always the space
+    words = s.sample("a", 200, temperature=20.0, strategy="words", seed=2)
+    assert words[0] == " "  # the prime ends inside a word
+    assert all(c == " " for prev, c in zip(words, words[1:], strict=False) if prev != " ")
+    assert set(words) == set(" abcd")  # it did draw after spaces
+    plain = s.sample("a", 200, temperature=20.0, strategy="sample", seed=2)
+    assert any(c != " " for prev, c in zip(plain, plain[1:], strict=False) if prev != " ")
+
+
+def test_unknown_characters_error_names_them(sampler):
+    with pytest.raises(CharRNNError) as e:
+        sampler.prepare_prime("thé cat\tsat")
+    message = str(e.value)
+    assert "'é' (U+00E9)" in message and "'\\t' (U+0009)" in message
+    assert "--unknown skip" in message and "\n" not in message
+    with pytest.raises(CharRNNError, match="U\\+00E9"):
+        sampler.generate("thé", 5)
+
+
+def test_unknown_skip_drops_them(sampler):
+    assert sampler.prepare_prime("thé cat\tsat", unknown="skip") == "th catsat"
+    assert sampler.prepare_prime("éé", unknown="skip") == "\n"
+    assert sampler.prepare_prime("the cat", unknown="skip") == "the cat"
+    with pytest.raises(CharRNNError, match="'drop'"):
+        sampler.prepare_prime("the", unknown="drop")
+
+
+def test_empty_prime_starts_from_newline_else_most_frequent(sampler):
+    assert sampler.prepare_prime("") == "\n"
+    no_newline = Vocab(" abt", counts=[5, 2, 9, 1])
+    assert controlled(no_newline, [0, 0, 0, 0]).prepare_prime("") == "b"
+    assert len(sampler.sample("", 10, seed=1)) == 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [
+        ({"num_chars": -1}, "-1"),
+        ({"temperature": -0.5}, "-0.5"),
+        ({"temperature": float("nan")}, "nan"),
+        ({"temperature": float("inf")}, "inf"),
+        ({"top_k": -1}, "-1"),
+        ({"top_k": len(VOCAB) + 1}, str(len(VOCAB) + 1)),
+        ({"strategy": "beam"}, "'beam'"),
+        ({"seed": 2**64}, str(2**64)),
+    ],
+)
+def test_bad_settings_raise_one_line_naming_the_value(sampler, kwargs, shown):
+    args = {"num_chars": 5, **kwargs}
+    with pytest.raises(CharRNNError) as e:
+        sampler.generate("the", **args)  # raises at the call, before any iteration
+    assert shown in str(e.value) and "\n" not in str(e.value)
+
+
+def test_generate_streams_and_compiles_once(sampler):
+    chars = sampler.generate("the ", 5, seed=1)
+    assert next(chars) in VOCAB.chars  # an iterator: characters come one at a time
+    assert len(list(chars)) == 4
+    sampler.sample("a", 3, temperature=0.5, top_k=2, strategy="words", seed=-8)
+    sampler.sample("the long dog", 3, temperature=0)
+    assert sampler._step.experimental_get_tracing_count() == 1
+    assert sampler._feed.experimental_get_tracing_count() == 1
+
+
+def test_a_new_generation_stops_an_unfinished_one(sampler):
+    old = sampler.generate("the ", 10, seed=1)
+    next(old)
+    assert len(sampler.sample("a", 3)) == 3
+    with pytest.raises(RuntimeError, match="reset"):
+        next(old)
+
+
+def test_from_run_dir_loads_the_best_checkpoint(sampler, hand_run):
+    loaded = Sampler.from_run_dir(hand_run)
+    assert loaded.sample("the ", 30, seed=5) == sampler.sample("the ", 30, seed=5)
+    with pytest.raises(CharRNNError, match="does not exist"):
+        Sampler.from_run_dir(hand_run, checkpoint="nope.weights.h5")
+
+
+@pytest.mark.slow
+def test_cli_sample_end_to_end(tiny_run, capsys):
+    argv = ["sample", "--run-dir", str(tiny_run), "-p", "the ", "-n", "40", "--seed", "3"]
+    assert cli.main([*argv, "-t", "0.5", "--top-k", "4", "--strategy", "words"]) == 0
+    out = capsys.readouterr().out
+    expected = Sampler.from_run_dir(tiny_run).sample(
+        "the ", 40, temperature=0.5, top_k=4, strategy="words", seed=3
+    )
+    assert out == "the " + expected + "\n"
+    assert cli.main([*argv[:3], "-p", "thé ", "-n", "5"]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and "'é' (U+00E9)" in err.err and len(err.err.splitlines()) == 1
+    assert cli.main([*argv[:3], "-p", "thé ", "-n", "5", "--unknown", "skip"]) == 0
+    assert capsys.readouterr().out.startswith("th ")
+    assert cli.main([*argv, "-t", "-1"]) == 2
+    err = capsys.readouterr()
+    assert err.out == "" and "got -1.0" in err.err
