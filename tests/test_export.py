@@ -1,0 +1,298 @@
+"""Export: TF Serving layout, atomic versions, signatures, graph-mode loading, same text."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from charrnn_keras import cli
+from charrnn_keras import model as model_lib
+from charrnn_keras.config import Config, ModelConfig
+from charrnn_keras.draw import draw_next, seed_pair
+from charrnn_keras.errors import CharRNNError
+from charrnn_keras.export import TMP_PREFIX, export_run, load_sampling_model
+from charrnn_keras.serving import names
+from charrnn_keras.vocab import Vocab
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (prime, temperature, top_k, seed): unknown characters, an empty prime, greedy, top-k.
+CASES = [
+    ("the cat", 1.0, 0, 3),
+    ("", 0.0, 0, 1),
+    ("the dog\u00e9\U0001f600 sat", 0.7, 3, 5),
+    ("\n", 2.0, 0, 9),
+]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, export_dir) -> Path:
+    """Version 1 of the tiny run, exported once for the module."""
+    return export_run(tiny_run, export_dir, "charrnn")
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return tf.saved_model.load(str(exported))
+
+
+def run_generate(fn, primes, num_chars, temperature, top_k, seed) -> list[str]:
+    """Calls a loaded ``generate`` signature; returns the decoded texts."""
+    out = fn(
+        prime=tf.constant(primes),
+        num_chars=tf.constant(num_chars, tf.int32),
+        temperature=tf.constant(temperature, tf.float32),
+        top_k=tf.constant(top_k, tf.int32),
+        seed=tf.constant([seed, 0], tf.int64),
+    )
+    return [t.decode("utf-8") for t in out[names.TEXT].numpy()]
+
+
+@functools.cache
+def _sampling_model(run_dir):
+    return load_sampling_model(run_dir)
+
+
+def python_generate(run_dir, prime, num_chars, temperature, top_k, seed) -> str:
+    """The reference: a Python loop over model.step and draw_next (the Sampler's semantics)."""
+    model, cfg, vocab = _sampling_model(run_dir)
+    ids = [vocab.index[c] for c in prime if c in vocab.index] or [vocab.index["\n"]]
+    states = [tf.zeros([1, cfg.model.rnn_size]) for _ in model_lib.state_names(cfg.model)]
+    for i in ids:
+        logits, states = model_lib.step(model, tf.constant([i], tf.int32), states)
+    out = []
+    for position in range(num_chars):
+        nxt = draw_next(logits, tf.constant(temperature), tf.constant(top_k), seed_pair(seed),
+                        position)  # fmt: skip
+        out.append(int(nxt[0]))
+        logits, states = model_lib.step(model, nxt, states)
+    return vocab.decode(out)
+
+
+def random_run(run_dir: Path, cell: str, text: str = "the cat sat.\n") -> Path:
+    """An untrained run directory (random weights): cheap, for shapes and other cells."""
+    cfg = Config(model=ModelConfig(cell=cell, embedding_dim=4, rnn_size=8, num_layers=2))
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    vocab = Vocab(sorted(set(text)))
+    vocab.save(run_dir / "vocab.json")
+    model = model_lib.build_model(cfg.model, len(vocab), batch_size=1, seq_length=1)
+    model.save_weights(run_dir / "checkpoints" / "best.weights.h5")
+    return run_dir
+
+
+def test_layout_versions_and_models_config(tiny_run, export_dir, exported, capsys):
+    assert exported == export_dir / "charrnn" / "1"
+    assert (exported / "saved_model.pb").exists() and (exported / "variables").is_dir()
+    args = ["export", "--run-dir", str(tiny_run), "--export-dir", str(export_dir)]
+    assert cli.main([*args, "--version", "5", "--max-chars", "7"]) == 0
+    assert cli.main(args) == 0  # next above the highest
+    assert names.list_versions(export_dir / "charrnn") == [1, 5, 6]
+    assert "exported SavedModel" in capsys.readouterr().out
+    meta = tf.saved_model.load(str(export_dir / "charrnn" / "5")).signatures[names.METADATA]()
+    assert int(meta[names.MAX_CHARS]) == 7
+    config = (export_dir / "models.config").read_text()
+    assert config.startswith("model_config_list {") and 'name: "charrnn"' in config
+    assert (
+        f'base_path: "{export_dir.resolve()}/charrnn"' in config
+        and 'model_platform: "tensorflow"' in config
+    )
+
+
+def test_existing_version_is_never_overwritten(tiny_run, export_dir, exported, capsys):
+    before = (exported / "saved_model.pb").read_bytes()
+    with pytest.raises(CharRNNError, match="already exists"):
+        export_run(tiny_run, export_dir, "charrnn", version=1)
+    args = ["export", "--run-dir", str(tiny_run), "--export-dir", str(export_dir)]
+    assert cli.main([*args, "--version", "1"]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    assert (exported / "saved_model.pb").read_bytes() == before
+
+
+def test_user_errors(tiny_run, tmp_path):
+    with pytest.raises(CharRNNError, match="model name"):
+        export_run(tiny_run, tmp_path, "../up")
+    with pytest.raises(CharRNNError, match="0 or more"):
+        export_run(tiny_run, tmp_path, "charrnn", version=-1)
+    empty = random_run(tmp_path / "run", "lstm")
+    (empty / "checkpoints" / "best.weights.h5").unlink()
+    with pytest.raises(CharRNNError, match="no checkpoint"):
+        export_run(empty, tmp_path / "export", "charrnn")
+    assert not (tmp_path / "export" / "charrnn").exists()
+
+
+def test_signatures_names_dtypes_shapes(tiny_run, exported):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((exported / "saved_model.pb").read_bytes())
+    (meta_graph,) = saved.meta_graphs
+    assert list(meta_graph.meta_info_def.tags) == [names.SERVE_TAG]
+    sigs = meta_graph.signature_def
+    for name in (names.GENERATE, names.SERVING_DEFAULT, names.STEP, names.METADATA):
+        assert sigs[name].method_name == names.PREDICT_METHOD
+
+    def spec(infos):
+        return {k: (tf.as_dtype(v.dtype), [d.size for d in v.tensor_shape.dim])
+                for k, v in infos.items()}  # fmt: skip
+
+    generate = {
+        names.PRIME: (tf.string, [-1]),
+        names.NUM_CHARS: (tf.int32, []),
+        names.TEMPERATURE: (tf.float32, []),
+        names.TOP_K: (tf.int32, []),
+        names.SEED: (tf.int64, [2]),
+    }
+    for name in (names.GENERATE, names.SERVING_DEFAULT):
+        assert spec(sigs[name].inputs) == generate
+        assert spec(sigs[name].outputs) == {names.TEXT: (tf.string, [-1])}
+    model, cfg, vocab = _sampling_model(tiny_run)
+    states = {n: (tf.float32, [-1, cfg.model.rnn_size]) for n in model_lib.state_names(cfg.model)}
+    assert spec(sigs[names.STEP].inputs) == {names.CHAR_IDS: (tf.int32, [-1, 1]), **states}
+    assert spec(sigs[names.STEP].outputs) == {names.LOGITS: (tf.float32, [-1, len(vocab)]),
+                                              **states}  # fmt: skip
+    assert not sigs[names.METADATA].inputs
+    assert set(sigs[names.METADATA].outputs) == {
+        names.CHARS, names.CODEPOINTS, names.STATE_NAMES, names.CELL, names.NUM_LAYERS,
+        names.RNN_SIZE, names.EMBEDDING_DIM, names.VOCAB_SIZE, names.MAX_CHARS,
+        names.FALLBACK_PRIME, names.CONFIG_TOML,
+    }  # fmt: skip
+    # Only the weights are saved, each once: no stateful-layer state, no duplicates.
+    saved_vars = [n for n, _ in tf.train.list_variables(str(exported / "variables" / "variables"))
+                  if not n.startswith("_CHECKPOINTABLE")]  # fmt: skip
+    assert len(saved_vars) == len(model.weights) == len(model.trainable_weights)
+
+
+_FRESH = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+tf.compat.v1.disable_eager_execution()
+path, cases = sys.argv[1], json.loads(sys.argv[2])
+result = {"ours_imported": any(m.startswith("charrnn_keras") for m in sys.modules)}
+with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+    sigs = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path).signature_def
+    def run(name, feeds):
+        sig = sigs[name]
+        fetch = {k: v.name for k, v in sig.outputs.items()}
+        return sess.run(fetch, {sig.inputs[k].name: v for k, v in feeds.items()})
+    meta = run("metadata", {})
+    result["chars"] = [c.decode() for c in meta["chars"]]
+    result["texts"] = {}
+    for name in ("generate", "serving_default"):
+        result["texts"][name] = [run(name, {
+            "prime": np.array([p.encode()], object), "num_chars": np.int32(40),
+            "temperature": np.float32(t), "top_k": np.int32(k),
+            "seed": np.array([s, 0], np.int64)})["text"][0].decode() for p, t, k, s in cases]
+    states = {k: np.zeros([2, v.tensor_shape.dim[1].size], np.float32)
+              for k, v in sigs["step"].inputs.items() if k != "char_ids"}
+    logits = []
+    for ids in ([1, 2], [3, 0]):
+        out = run("step", {"char_ids": np.array(ids, np.int32)[:, None], **states})
+        logits.append(out.pop("logits").tolist())
+        states = out
+    result["logits"] = logits
+print(json.dumps(result))
+"""
+
+
+def test_graph_mode_loading_in_fresh_process(tiny_run, exported):
+    """TF Serving's way: tf.compat.v1 loader with the serve tag, sess.run on tensor names."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(exported), json.dumps(CASES)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""},
+        cwd=exported,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["ours_imported"]
+    model, cfg, vocab = _sampling_model(tiny_run)
+    assert result["chars"] == vocab.chars
+    expected = [python_generate(tiny_run, *case[:1], 40, *case[1:]) for case in CASES]
+    assert result["texts"]["generate"] == expected
+    assert result["texts"]["serving_default"] == expected
+    states = [tf.zeros([2, cfg.model.rnn_size]) for _ in model_lib.state_names(cfg.model)]
+    for ids, got in zip(([1, 2], [3, 0]), result["logits"], strict=True):
+        logits, states = model_lib.step(model, tf.constant(ids, tf.int32), states)
+        np.testing.assert_array_equal(np.array(got, np.float32), logits.numpy())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_generate_matches_python_loop(tiny_run, loaded, case):
+    prime, temperature, top_k, seed = case
+    got = run_generate(loaded.signatures[names.GENERATE], [prime], 60, temperature, top_k, seed)
+    assert got == [python_generate(tiny_run, prime, 60, temperature, top_k, seed)]
+
+
+def test_generate_matches_sampler(tiny_run, loaded):
+    sampling = pytest.importorskip("charrnn_keras.sampling")
+    sampler = sampling.Sampler.from_run_dir(tiny_run)
+    for prime, temperature, top_k, seed in CASES:
+        expected = sampler.sample(
+            sampler.prepare_prime(prime, unknown="skip"), 80,
+            temperature=temperature, top_k=top_k, seed=seed,
+        )  # fmt: skip
+        fn = loaded.signatures[names.GENERATE]
+        assert run_generate(fn, [prime], 80, temperature, top_k, seed) == [expected]
+
+
+def test_generate_batch_and_limits(loaded):
+    fn = loaded.signatures[names.GENERATE]
+    primes = ["the cat sat on", "", "\u00e9\u00e9", "the"]
+    batch = run_generate(fn, primes, 30, 0.0, 0, 0)
+    alone = [run_generate(fn, [p], 30, 0.0, 0, 0)[0] for p in primes]
+    assert batch == alone and batch[1] == batch[2]  # "" and all-unknown both start from "\n"
+    sampled = run_generate(fn, primes, 30, 1.0, 0, 4)
+    assert sampled[0] == run_generate(fn, primes[:1], 30, 1.0, 0, 4)[0]
+    assert run_generate(fn, primes, 30, 1.0, 0, 4) == sampled  # no state kept between calls
+    assert run_generate(fn, primes, 0, 1.0, 0, 4) == [""] * 4
+    for bad in (-1, names.DEFAULT_MAX_CHARS + 1):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars"):
+            run_generate(fn, ["the"], bad, 1.0, 0, 4)
+
+
+def test_other_cells_export(tmp_path):
+    run_dir = random_run(tmp_path / "run", "gru")
+    path = export_run(run_dir, tmp_path / "export", "gru-model")
+    loaded = tf.saved_model.load(str(path))
+    step = loaded.signatures[names.STEP]
+    assert set(step.structured_outputs) == {names.LOGITS, "gru_1_h", "gru_2_h"}
+    got = run_generate(loaded.signatures[names.GENERATE], ["cat"], 20, 1.0, 0, 2)
+    assert got == [python_generate(run_dir, "cat", 20, 1.0, 0, 2)]
+
+
+def test_export_is_atomic_when_killed(tmp_path):
+    run_dir = random_run(tmp_path / "run", "lstm")
+    model_dir = tmp_path / "export" / "charrnn"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charrnn_keras.cli", "export", "--run-dir", str(run_dir),
+         "--export-dir", str(tmp_path / "export")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        # Kill once the SavedModel is being written into the temporary folder.
+        while not any(model_dir.glob(f"{TMP_PREFIX}*/*")):
+            assert proc.poll() is None, "export finished before it could be killed"
+            assert time.monotonic() < deadline, "export never started writing"
+            time.sleep(0.005)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert names.list_versions(model_dir, complete_only=False) == []
+    assert [p.name.startswith(TMP_PREFIX) for p in model_dir.iterdir()] == [True]
+    # The leftover is ignored: the next export is version 1.
+    assert export_run(run_dir, tmp_path / "export", "charrnn").name == "1"

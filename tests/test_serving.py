@@ -1,0 +1,281 @@
+"""The gRPC server and client: TF Serving's API, errors, concurrency, new versions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
+
+from charrnn_keras import cli
+from charrnn_keras import model as model_lib
+from charrnn_keras.errors import CharRNNError
+from charrnn_keras.export import TMP_PREFIX, export_run, load_sampling_model
+from charrnn_keras.serving import names
+from charrnn_keras.serving.client import Client, RequestFailed
+from charrnn_keras.serving.server import start_server
+
+MODEL = "charrnn"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_run, tmp_path_factory):
+    export_dir = tmp_path_factory.mktemp("export")
+    export_run(tiny_run, export_dir, MODEL)
+    return export_dir
+
+
+@pytest.fixture(scope="module")
+def server(export_dir):
+    with start_server(export_dir, MODEL, host="127.0.0.1", port=0, poll_seconds=0.2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def address(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def in_process(export_dir):
+    """generate(prime, n, temperature, top_k, seed) on the same SavedModel, without gRPC."""
+    fn = tf.saved_model.load(str(export_dir / MODEL / "1")).signatures[names.GENERATE]
+
+    def generate(prime, num_chars, temperature=1.0, top_k=0, seed=0):
+        out = fn(
+            prime=tf.constant([prime]), num_chars=tf.constant(num_chars),
+            temperature=tf.constant(temperature, tf.float32), top_k=tf.constant(top_k),
+            seed=tf.constant([seed, 0], tf.int64),
+        )  # fmt: skip
+        return out[names.TEXT].numpy()[0].decode("utf-8")
+
+    return generate
+
+
+@pytest.fixture
+def stub(address):
+    with grpc.insecure_channel(address) as channel:
+        yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+def generate_request(signature=names.GENERATE, **overrides) -> predict_pb2.PredictRequest:
+    inputs = {
+        names.PRIME: np.array([b"the "], object),
+        names.NUM_CHARS: np.int32(10),
+        names.TEMPERATURE: np.float32(1.0),
+        names.TOP_K: np.int32(0),
+        names.SEED: np.array([1, 0], np.int64),
+        **overrides,
+    }
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.signature_name = signature
+    for key, value in inputs.items():
+        if value is not None:
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return request
+
+
+def test_generate_over_grpc(address, in_process):
+    with Client(address, MODEL, timeout=30) as client:
+        assert client.generate("the cat", 50, 0.8, 0, 7) == in_process("the cat", 50, 0.8, 0, 7)
+        texts = client.generate(["the", "", "\u00e9"], 20, 1.0, 3, 2)
+        assert isinstance(texts, list) and len(texts) == 3
+        assert texts[0] == in_process("the", 20, 1.0, 3, 2)
+        assert client.generate("the", 0) == ""
+
+
+def test_generate_over_grpc_matches_sampler(tiny_run, address):
+    sampling = pytest.importorskip("charrnn_keras.sampling")
+    sampler = sampling.Sampler.from_run_dir(tiny_run)
+    with Client(address, MODEL) as client:
+        for prime, temperature, top_k, seed in [("the dog", 1.0, 0, 11), ("", 0.0, 0, 0)]:
+            expected = sampler.sample(
+                sampler.prepare_prime(prime), 60, temperature=temperature, top_k=top_k, seed=seed
+            )
+            assert client.generate(prime, 60, temperature, top_k, seed) == expected
+
+
+def test_step_metadata_and_status(tiny_run, address):
+    model, cfg, vocab = load_sampling_model(tiny_run)
+    with Client(address, MODEL) as client:
+        meta = client.metadata()
+        assert meta[names.CHARS] == vocab.chars
+        assert meta[names.STATE_NAMES] == model_lib.state_names(cfg.model)
+        assert meta[names.MAX_CHARS] == names.DEFAULT_MAX_CHARS
+        assert meta[names.CELL] == cfg.model.cell and meta[names.FALLBACK_PRIME] == "\n"
+        states, ours = None, [tf.zeros([2, cfg.model.rnn_size])] * len(meta[names.STATE_NAMES])
+        for ids in ([1, 2], [0, 3], [4, 4]):
+            logits, states = client.step(ids, states)  # outputs fed straight back
+            expected, ours = model_lib.step(model, tf.constant(ids, tf.int32), ours)
+            np.testing.assert_array_equal(logits, expected.numpy())
+        assert set(states) == set(meta[names.STATE_NAMES])
+        assert client.status() == {1: "AVAILABLE"}
+        signatures = client.signature_defs()
+        assert {names.GENERATE, names.SERVING_DEFAULT, names.STEP, names.METADATA} <= set(
+            signatures
+        )
+
+
+def test_concurrent_clients_get_their_own_text(address):
+    seeds = range(8)
+    with Client(address, MODEL) as client:
+        alone = {seed: client.generate("the ", 200, 1.0, 0, seed) for seed in seeds}
+    got, errors = {}, []
+    barrier = threading.Barrier(len(seeds))
+
+    def worker(seed):
+        try:
+            with Client(address, MODEL) as client:
+                barrier.wait()
+                got[seed] = client.generate("the ", 200, 1.0, 0, seed)
+        except Exception as e:  # reported below; an exception in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and got == alone
+    assert len(set(got.values())) == len(seeds)
+
+
+def test_empty_signature_name_output_filter_typed_fields(stub):
+    response = stub.Predict(generate_request(signature=""), timeout=30)
+    assert response.model_spec.signature_name == names.SERVING_DEFAULT
+    assert response.model_spec.version.value == 1
+    assert len(response.outputs[names.TEXT].string_val) == 1
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = MODEL, names.METADATA
+    request.output_filter.extend([names.CODEPOINTS, names.RNN_SIZE])
+    response = stub.Predict(request, timeout=30)
+    assert set(response.outputs) == {names.CODEPOINTS, names.RNN_SIZE}
+    codepoints = response.outputs[names.CODEPOINTS]
+    assert codepoints.int64_val and not codepoints.tensor_content
+    units = response.outputs[names.RNN_SIZE].int_val[0]
+    step = predict_pb2.PredictRequest()
+    step.model_spec.name, step.model_spec.signature_name = MODEL, names.STEP
+    step.inputs[names.CHAR_IDS].CopyFrom(tf.make_tensor_proto(np.zeros([1, 1], np.int32)))
+    for name in state_names(stub):
+        step.inputs[name].CopyFrom(tf.make_tensor_proto(np.zeros([1, units], np.float32)))
+    step.output_filter.append(names.LOGITS)
+    response = stub.Predict(step, timeout=30)
+    assert list(response.outputs) == [names.LOGITS]
+    logits = response.outputs[names.LOGITS]
+    assert len(logits.float_val) == len(codepoints.int64_val) and not logits.tensor_content
+
+
+def state_names(stub) -> list[str]:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = MODEL, names.METADATA
+    request.output_filter.append(names.STATE_NAMES)
+    response = stub.Predict(request, timeout=30)
+    return [n.decode() for n in response.outputs[names.STATE_NAMES].string_val]
+
+
+def _rpc_code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_error_codes(stub, address):
+    codes = grpc.StatusCode
+    bad_model = generate_request()
+    bad_model.model_spec.name = "nope"
+    bad_version = generate_request()
+    bad_version.model_spec.version.value = 99
+    unfiltered = generate_request()
+    unfiltered.output_filter.append("nope")
+    cases = [
+        (bad_model, codes.NOT_FOUND),
+        (bad_version, codes.NOT_FOUND),
+        (generate_request(signature="nope"), codes.FAILED_PRECONDITION),
+        (generate_request(**{names.SEED: None}), codes.INVALID_ARGUMENT),
+        (generate_request(**{names.NUM_CHARS: np.float32(3)}), codes.INVALID_ARGUMENT),
+        (generate_request(**{names.SEED: np.array([1, 2, 3], np.int64)}), codes.INVALID_ARGUMENT),
+        (generate_request(**{names.NUM_CHARS: np.int32(-1)}), codes.INVALID_ARGUMENT),
+        (generate_request(**{names.NUM_CHARS: np.int32(10**6)}), codes.INVALID_ARGUMENT),
+        (unfiltered, codes.INVALID_ARGUMENT),
+    ]
+    for request, code in cases:
+        assert _rpc_code(lambda r=request: stub.Predict(r, timeout=30)) == code, request
+    for method, request in [
+        (stub.Classify, classification_pb2.ClassificationRequest()),
+        (stub.Regress, regression_pb2.RegressionRequest()),
+        (stub.MultiInference, inference_pb2.MultiInferenceRequest()),
+    ]:
+        assert _rpc_code(lambda m=method, r=request: m(r, timeout=30)) == codes.UNIMPLEMENTED
+    no_fields = get_model_metadata_pb2.GetModelMetadataRequest()
+    no_fields.model_spec.name = MODEL
+    assert _rpc_code(lambda: stub.GetModelMetadata(no_fields)) == codes.INVALID_ARGUMENT
+    with grpc.insecure_channel(address) as channel:
+        status = get_model_status_pb2.GetModelStatusRequest()
+        status.model_spec.name = "nope"
+        models = model_service_pb2_grpc.ModelServiceStub(channel)
+        assert _rpc_code(lambda: models.GetModelStatus(status)) == codes.NOT_FOUND
+    with Client(address, MODEL) as client, pytest.raises(RequestFailed, match="at most") as info:
+        client.generate("the", names.DEFAULT_MAX_CHARS + 1)
+    assert info.value.code == codes.INVALID_ARGUMENT and "\n" not in str(info.value)
+
+
+def test_new_version_is_served_without_restart(tiny_run, tmp_path):
+    export_dir = tmp_path / "export"
+    export_run(tiny_run, export_dir, MODEL)
+    with start_server(export_dir, MODEL, port=0, poll_seconds=0.1) as running:
+        with Client(f"127.0.0.1:{running.port}", MODEL) as client:
+            before = client.generate("the", 20, 1.0, 0, 1)
+            export_run(tiny_run, export_dir, MODEL, max_chars=20)  # version 2
+            deadline = time.monotonic() + 30
+            while client.status().get(2) != "AVAILABLE":
+                assert time.monotonic() < deadline, client.status()
+                time.sleep(0.1)
+            assert client.status() == {1: "END", 2: "AVAILABLE"}
+            assert client.metadata()[names.MAX_CHARS] == 20
+            assert client.generate("the", 20, 1.0, 0, 1) == before  # same weights, same text
+            broken = export_dir / MODEL / "3"  # copied by hand, damaged: version 2 stays
+            broken.mkdir()
+            (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+            while client.status().get(3) != "END":
+                assert time.monotonic() < deadline, client.status()
+                time.sleep(0.1)
+            assert client.status()[2] == "AVAILABLE"
+            assert client.generate("the", 20, 1.0, 0, 1) == before
+        with Client(f"127.0.0.1:{running.port}", MODEL, version=1) as old:
+            with pytest.raises(RequestFailed) as info:
+                old.generate("the", 5)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_server_refuses_unusable_directories_and_taken_ports(tmp_path, export_dir, server):
+    with pytest.raises(CharRNNError, match="does not exist"):
+        start_server(tmp_path / "missing", MODEL, port=0)
+    (tmp_path / "export" / MODEL / f"{TMP_PREFIX}1-abc").mkdir(parents=True)  # half an export
+    with pytest.raises(CharRNNError, match="no exported version"):
+        start_server(tmp_path / "export", MODEL, port=0)
+    with pytest.raises(CharRNNError, match="model name"):
+        start_server(export_dir, "bad/name", port=0)
+    with pytest.raises(CharRNNError, match="cannot listen"):
+        start_server(export_dir, MODEL, port=server.port)
+
+
+def test_cli_query(address, in_process, capsys):
+    argv = ["query", "--server", address, "--prime", "the ", "-n", "30", "--seed", "4"]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == "the " + in_process("the ", 30, 1.0, 0, 4) + "\n"
+    assert cli.main(["query", "--server", address, "--model-name", "nope", "-n", "3"]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
