@@ -1,5 +1,5 @@
 """Training callbacks that Keras does not ship: state resets, periodic checkpoints named with the
-validation loss, a time budget, and a sample after every epoch."""
+validation loss, a time budget, and a sample after every epoch (the backup is in backup.py)."""
 
 from __future__ import annotations
 

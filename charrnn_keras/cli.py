@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from charrnn_keras.errors import CharRNNError
 
@@ -34,8 +36,9 @@ def cmd_train(args) -> int:
     )
     print(f"run directory: {result.run_dir}")
     if result.best_val_loss is not None:
+        which = "validation" if cfg.data.val_fraction > 0 else "training"
         print(
-            f"best validation loss: {result.best_val_loss:.4f} nats/char "
+            f"best {which} loss: {result.best_val_loss:.4f} nats/char "
             f"({result.best_val_bpc:.4f} bits/char)"
         )
     if result.sample:
@@ -213,8 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # A scheduler's `kill` stops training as cleanly as Ctrl-C does.
+        signal.signal(signal.SIGTERM, _interrupt)
     _quiet_tensorflow()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -224,7 +234,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except CharRNNError as e:
-        print(f"charrnn {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"charrnn {args.command}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"charrnn {args.command}: interrupted", file=sys.stderr)

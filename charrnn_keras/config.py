@@ -160,6 +160,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout!r}")
+    if not 0 <= cfg.train.seed < 2**32:  # what keras.utils.set_random_seed (numpy) accepts
+        raise ConfigError(f"train.seed must be from 0 to {2**32 - 1}, got {cfg.train.seed!r}")
     if cfg.model.cell not in CELLS:
         raise ConfigError(f"model.cell must be one of {', '.join(CELLS)}, got {cfg.model.cell!r}")
 

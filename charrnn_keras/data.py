@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from charrnn_keras.errors import CharRNNError
-from charrnn_keras.vocab import Vocab
+from charrnn_keras.vocab import Vocab, format_chars
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def _list_files(path: Path) -> list[Path]:
         if not files:
             raise DataError(f"directory {path} has no files; put .txt files in it")
         return files
+    if path.exists():  # a FIFO, a socket, a device
+        raise DataError(f"data path {path} is neither a file nor a directory")
     raise DataError(f"data path {path} does not exist")
 
 
@@ -121,10 +123,10 @@ def read_raw(data: str | None, max_chars: int) -> tuple[bytes, str]:
     path = Path(data)
     files = _list_files(path)
     if len(files) == 1:
-        return files[0].read_bytes(), str(path)
+        return _read_bytes(files[0]), str(path)
     chunks = []
     for f in files:
-        raw = f.read_bytes()
+        raw = _read_bytes(f)
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -137,6 +139,13 @@ def read_raw(data: str | None, max_chars: int) -> tuple[bytes, str]:
     if not chunks:
         raise DataError(f"directory {path} has no UTF-8 text files")
     return b"\n".join(chunks), str(path)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:  # permissions, a vanished file, an I/O error
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def load_corpus(data: str | None, max_chars: int, cache_dir: str | Path | None) -> Corpus:
@@ -193,6 +202,15 @@ def min_chars(batch_size: int, seq_length: int, val_fraction: float) -> int:
         return need
     # Both splits need `need` characters; int() truncation in split() may cost one more.
     return max(int(np.ceil(need / val_fraction)), int(np.ceil(need / (1 - val_fraction)))) + 1
+
+
+def check_vocab(corpus: Corpus) -> None:
+    """Raises DataError for a corpus of one distinct character: there is nothing to predict."""
+    if len(corpus.vocab) < 2:
+        raise DataError(
+            f"{corpus.source} has only one distinct character, "
+            f"{format_chars(corpus.vocab.chars)}; there is nothing to learn: give a real text"
+        )
 
 
 def check_size(n_chars: int, batch_size: int, seq_length: int, val_fraction: float) -> None:
@@ -269,7 +287,12 @@ def describe(corpus: Corpus) -> dict:
 
 def dump_json(obj, path: str | Path) -> None:
     """Writes JSON atomically."""
+    write_text_atomic(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", path)
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Writes UTF-8 text to a temporary name and renames it, so a crash leaves old or new."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8", newline="")  # as given: CSV rows end in \r\n
     os.replace(tmp, path)

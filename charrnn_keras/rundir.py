@@ -15,6 +15,8 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from pathlib import Path
 
@@ -30,6 +32,10 @@ BACKUP_DIR = "backup"
 HISTORY = "history.csv"
 LOGS = "logs"
 _PERIODIC = re.compile(r"i(\d+)_l\d+_v[\d.]+(nan|inf)?\.weights\.h5$")
+# Temporary names of atomic writes: CharRNN.save_weights and backup.RunBackup.
+_TEMP = re.compile(r"\..+\.tmp(\d+)(\.weights\.h5|\.part)$")
+
+logger = logging.getLogger(__name__)
 
 
 class RunDirError(CharRNNError):
@@ -45,7 +51,8 @@ def read_run_info(run_dir: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirError(
-            f"{path} is damaged ({e}); it should be JSON written by training"
+            f"{path} is damaged ({e}); it should be JSON written by training: restore it "
+            f"from a copy, or pass --overwrite to start the run again"
         ) from None
 
 
@@ -89,6 +96,8 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -
         The path of an existing ``.weights.h5`` file.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist; train one with charrnn train")
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.exists() and (run_dir / CHECKPOINT_DIR / path).exists():
@@ -113,7 +122,42 @@ def load_weights(model, path: str | Path) -> None:
     try:
         model.load_weights(path)
     except Exception as e:  # h5py and Keras raise many types for a bad file
+        detail = " ".join(str(e).split())[:200]  # Keras' messages span lines; ours is one
         raise RunDirError(
-            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
+            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {detail}); "
             f"it is damaged or from another model; pick another with --checkpoint"
         ) from None
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Deletes temporary files that killed processes left behind in ``directory``.
+
+    Weights and backups are written under a temporary name carrying the writer's process id,
+    then renamed; a process killed in between leaves the temporary file. Files of processes
+    that are still running are kept.
+
+    Returns:
+        The deleted files.
+    """
+    directory = Path(directory)
+    removed = []
+    for path in directory.iterdir() if directory.is_dir() else ():
+        m = _TEMP.match(path.name)
+        if m and path.is_file() and not _alive(int(m.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+            logger.info("removed %s, left by an interrupted write", path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process with this id is running (ids are reused, e.g. in containers)."""
+    if pid == os.getpid():
+        return False  # called while setting up, when this process has no write in flight
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True

@@ -14,9 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
 
 # Repetitive on purpose: a 16-unit model learns it in a few epochs.
-TINY_TEXT = (
-    "the cat sat on the mat.\nthe dog sat on the log.\nthe cat and the dog sat.\n" * 12
-)
+TINY_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\nthe cat and the dog sat.\n" * 12
 
 
 @pytest.fixture

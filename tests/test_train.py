@@ -157,7 +157,7 @@ def test_periodic_checkpoints_are_named_with_step_and_val_loss(tmp_path, tiny_te
 
 
 def test_finished_run_is_never_overwritten(tiny_run):
-    from charrnn_keras.train import resolve_run_dir
+    from charrnn_keras.resume import resolve_run_dir
 
     with pytest.raises(CharRNNError, match="finished run; pass --overwrite"):
         resolve_run_dir(tiny_run, "tiny", overwrite=False)
@@ -166,7 +166,7 @@ def test_finished_run_is_never_overwritten(tiny_run):
 def test_default_run_dirs_are_numbered(tmp_path, monkeypatch, tiny_run):
     import shutil
 
-    from charrnn_keras.train import resolve_run_dir
+    from charrnn_keras.resume import resolve_run_dir
 
     monkeypatch.chdir(tmp_path)
     assert resolve_run_dir(None, "tiny", False) == tmp_path.joinpath("runs/tiny").relative_to(
