@@ -113,17 +113,30 @@ class ExportModule(tf.Module):
         Each row's prime (unknown characters skipped; empty means the fallback prime) is fed
         through the step, then the n-th character is drawn by ``draw_next`` at position n, as
         the local Sampler does. All rows share one seed, so a batch's rows differ from each
-        other; row 0 equals the same prime sent alone.
+        other; row 0 equals the same prime sent alone. Settings the local sampler refuses
+        (num_chars below 0 or above the cap, a negative or non-finite temperature, top_k
+        outside 0..vocabulary size) fail with InvalidArgumentError (gRPC INVALID_ARGUMENT).
 
         Returns:
             ``{"text": string [batch]}``: the continuations, UTF-8.
         """
+        vocab_size = len(self._info.chars)
         checks = [
             tf.debugging.assert_non_negative(num_chars, message="num_chars must be 0 or more"),
             tf.debugging.assert_less_equal(
                 num_chars,
                 tf.constant(self._info.max_chars, tf.int32),
                 message=f"num_chars must be at most {self._info.max_chars} (the export's cap)",
+            ),
+            # The local sampler's check_settings refuses these too; draw_next would otherwise
+            # treat a negative or NaN temperature as 0 and clamp top_k without saying so.
+            tf.debugging.Assert(
+                tf.math.is_finite(temperature) & (temperature >= 0),
+                ["temperature must be a finite number, 0 or more, got", temperature],
+            ),
+            tf.debugging.Assert(
+                (top_k >= 0) & (top_k <= vocab_size),
+                [f"top_k must be from 0 (all) to the vocabulary size {vocab_size}, got", top_k],
             ),
         ]
         with tf.control_dependencies(checks):

@@ -130,7 +130,8 @@ class Client:
                 the vocabulary are skipped, and an empty prime starts from a newline.
             num_chars: characters to generate per prime.
             temperature: 0 is argmax; higher is more random.
-            top_k: draw only among the k most likely characters (0 = all).
+            top_k: draw only among the k most likely characters (0 = all); more than the
+                vocabulary size, like a negative temperature, is refused (INVALID_ARGUMENT).
             seed: ``S`` (the same as ``charrnn sample --seed S``) or a stateless pair ``[a, b]``.
 
         Returns:

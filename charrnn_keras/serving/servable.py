@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from pathlib import Path
 
@@ -29,6 +30,13 @@ _TYPED = {np.dtype(t): field for t, field in [
     (np.int16, "int_val"), (np.int8, "int_val"), (np.uint8, "int_val"), (np.int64, "int64_val"),
     (np.bool_, "bool_val")]}  # fmt: skip
 _STATE = get_model_status_pb2.ModelVersionStatus
+# The most elements one request input may declare. A TensorProto may declare a larger shape than
+# the values it carries (the last value fills the rest, as in TF's Tensor::FromProto), so without
+# a cap a few bytes could make the server allocate gigabytes. gRPC's default 4 MiB request limit
+# carries at most this many elements written out (1 byte each), so no honest request is refused.
+MAX_INPUT_ELEMENTS = 4 * 1024 * 1024
+# gRPC reports "no deadline" as about 9e18 seconds left; run those without a Session timeout.
+_NO_DEADLINE_S = 365 * 24 * 3600.0
 
 
 class RequestError(Exception):
@@ -104,8 +112,16 @@ class LoadedVersion:
         if close:
             self.session.close()
 
-    def predict(self, request) -> dict:
-        """Runs a PredictRequest; returns {output alias: numpy value}; raises RequestError."""
+    def predict(self, request, timeout: float | None = None) -> dict:
+        """Runs a PredictRequest; returns {output alias: numpy value}; raises RequestError.
+
+        Args:
+            request: the PredictRequest.
+            timeout: seconds left before the client's deadline; None, or more than a year,
+                is no deadline. The Session run is cancelled when it passes (TF Serving's
+                ``enforce_session_run_timeout``), so an abandoned long generation stops using
+                a worker and the CPU.
+        """
         name = request.model_spec.signature_name or names.SERVING_DEFAULT
         signature = self.signatures.get(name)
         if signature is None or signature.method_name != names.PREDICT_METHOD:
@@ -132,8 +148,12 @@ class LoadedVersion:
                 )
         if len(set(aliases)) != len(aliases):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "duplicate output tensor alias")
+        options = None
+        if timeout is not None and timeout < _NO_DEADLINE_S:
+            options = tf.compat.v1.RunOptions(timeout_in_ms=max(1, math.ceil(timeout * 1000)))
         try:
-            return self.session.run({a: signature.outputs[a].name for a in aliases}, feed)
+            fetches = {a: signature.outputs[a].name for a in aliases}
+            return self.session.run(fetches, feed, options=options)
         except tf.errors.OpError as e:
             code = _CODES.get(e.error_code, grpc.StatusCode.UNKNOWN)
             raise RequestError(code, _clean_message(e.message)) from None
@@ -170,24 +190,42 @@ def _clean_message(message: str) -> str:
 
 
 def _input_array(alias: str, proto, info) -> np.ndarray:
-    """Converts one request input, checking dtype and shape against the signature."""
+    """Converts one request input, checking dtype and shape against the signature.
+
+    The declared shape is checked before any value is converted, so that a TensorProto declaring
+    a huge shape is refused without allocating it.
+    """
     if proto.dtype != info.dtype:
-        got = tf.as_dtype(proto.dtype).name if proto.dtype else "no dtype"
+        try:
+            got = tf.as_dtype(proto.dtype).name if proto.dtype else "no dtype"
+        except TypeError:  # an enum value TensorFlow does not know
+            got = f"unknown dtype {proto.dtype}"
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"Expects input {alias!r} to be {tf.as_dtype(info.dtype).name} but {got} is provided",
         )
-    try:
-        array = tf.make_ndarray(proto)
-    except Exception as e:  # a malformed TensorProto; protobuf and numpy raise many kinds
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {alias!r}: {e}") from None
-    shape = tf.TensorShape(info.tensor_shape)
-    if not shape.is_compatible_with(array.shape):
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"input {alias!r} has shape {list(array.shape)}; the signature wants {shape}",
+            f"input {alias!r} must have a fully defined shape, got "
+            f"{'unknown rank' if proto.tensor_shape.unknown_rank else dims}",
         )
-    return array
+    shape = tf.TensorShape(info.tensor_shape)
+    if not shape.is_compatible_with(dims):
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input {alias!r} has shape {dims}; the signature wants {shape}",
+        )
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input {alias!r} declares shape {dims}: more than {MAX_INPUT_ELEMENTS} elements",
+        )
+    try:
+        return tf.make_ndarray(proto)
+    except Exception as e:  # a malformed TensorProto; protobuf and numpy raise many kinds
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {alias!r}: {e}") from None
 
 
 class ModelManager:

@@ -43,7 +43,7 @@ class PredictionServicer(prediction_grpc.PredictionServiceServicer):
     def Predict(self, request, context):  # noqa: N802 (gRPC method names)
         def call():
             with self.manager.acquire(request.model_spec) as loaded:
-                outputs = loaded.predict(request)
+                outputs = loaded.predict(request, timeout=context.time_remaining())
             response = predict_pb2.PredictResponse()
             response.model_spec.name = self.manager.model_name
             response.model_spec.version.value = loaded.version
