@@ -61,7 +61,14 @@ def build_model(
         raise ValueError(f"vocab_size must be at least 1, got vocab_size={vocab_size}")
     layers = [
         keras.Input(batch_shape=(batch_size, seq_length), dtype="int32", name="char_ids"),
-        keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding"),
+        # N(0, 1) as in torch.nn.Embedding: Keras' default uniform(+-0.05) leaves the LSTM
+        # nearly blind to its input for the first hundred or so steps (BENCHMARKS.md, 2).
+        keras.layers.Embedding(
+            vocab_size,
+            cfg.embedding_dim,
+            embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
+            name="embedding",
+        ),
     ]
     for i in range(1, cfg.num_layers + 1):
         layers.append(
