@@ -75,7 +75,7 @@ class TrainConfig:
         sample_chars: length of the sample shown after each epoch and at the end (0 = none).
     """
 
-    epochs: int = 10
+    epochs: int = 8
     learning_rate: float = 0.002
     lr_decay: float = 0.97
     grad_clip: float = 5.0
