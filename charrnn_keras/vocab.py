@@ -56,10 +56,28 @@ class Vocab:
         Returns:
             ``(vocab, ids)`` where ``ids`` is the corpus as the smallest unsigned dtype that fits.
         """
+        if codepoints.dtype == np.uint8:
+            return cls._from_bytes(codepoints)
         unique, inverse, counts = np.unique(codepoints, return_inverse=True, return_counts=True)
         dtype = np.uint8 if len(unique) <= 256 else np.uint16 if len(unique) <= 65536 else np.uint32
         vocab = cls([chr(c) for c in unique], counts)
         return vocab, inverse.astype(dtype)
+
+    @classmethod
+    def _from_bytes(cls, codepoints: np.ndarray) -> tuple[Vocab, np.ndarray]:
+        """``from_codepoints`` for ASCII text through a 256-entry table.
+
+        ``np.unique(return_inverse=True)`` sorts an int64 copy, about 26 bytes of memory per
+        character at peak; counting and a table lookup need one byte per character.
+        """
+        counts = np.zeros(256, dtype=np.int64)
+        chunk = 1 << 24
+        for start in range(0, len(codepoints), chunk):
+            counts += np.bincount(codepoints[start : start + chunk], minlength=256)
+        unique = np.flatnonzero(counts)
+        table = np.zeros(256, dtype=np.uint8)
+        table[unique] = np.arange(len(unique), dtype=np.uint8)
+        return cls([chr(c) for c in unique], counts[unique]), table[codepoints]
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the ids of ``text``; raises VocabError listing any unknown characters."""

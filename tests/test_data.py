@@ -129,3 +129,14 @@ def test_builtin_corpus_is_deterministic_and_capped():
     assert raw1 == raw2
     assert len(raw1.decode("utf-8")) == 50_000
     assert b"def " in raw1  # it is Python source
+
+
+def test_ascii_fast_path_encodes_like_the_general_one():
+    text = b"to be, or not to be: that is the question.\n" * 7
+    raw = np.frombuffer(text, dtype=np.uint8)
+    fast_vocab, fast_ids = Vocab.from_codepoints(raw)
+    slow_vocab, slow_ids = Vocab.from_codepoints(raw.astype(np.int64))
+    assert fast_vocab == slow_vocab and fast_vocab.counts == slow_vocab.counts
+    assert fast_ids.dtype == np.uint8
+    np.testing.assert_array_equal(fast_ids, slow_ids)
+    assert fast_vocab.decode(fast_ids) == text.decode()
