@@ -158,9 +158,8 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         ]:
             if os.path.exists(src):
                 _copy_atomically(src, dst)
-        _replace_atomically(
-            lambda tmp: self.model.save_weights(str(tmp), overwrite=True), Path(self._weights_path)
-        )
+        # CharRNN.save_weights already writes under a temporary name and renames.
+        self.model.save_weights(self._weights_path, overwrite=True)
         meta = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
         _replace_atomically(
             lambda tmp: tmp.write_text(meta, encoding="utf-8"), Path(self._training_metadata_path)

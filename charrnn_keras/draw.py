@@ -31,10 +31,14 @@ def draw_next(logits, temperature, top_k, seed, position):
     """
     logits = tf.cast(logits, tf.float32)
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    vocab = tf.shape(logits)[-1]
-    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
-    kth = tf.math.top_k(logits, k).values[:, -1:]
-    masked = tf.where(logits < kth, tf.constant(-float("inf"), tf.float32), logits)
+
+    def keep_top_k():
+        k = tf.minimum(top_k, tf.shape(logits)[-1])
+        kth = tf.math.top_k(logits, k).values[:, -1:]
+        return tf.where(logits < kth, tf.constant(-float("inf"), tf.float32), logits)
+
+    # A full sort per character only when top_k asks for it; top_k = 0 keeps every logit.
+    masked = tf.cond(top_k > 0, keep_top_k, lambda: logits)
     scaled = masked / tf.maximum(temperature, 1e-6)
     key = tf.random.experimental.stateless_fold_in(
         tf.cast(seed, tf.int64), tf.cast(position, tf.int64)
