@@ -103,10 +103,10 @@ def set_tf_threads(intra: int, inter: int) -> None:
 
 @contextmanager
 def lstm_class(matmul_dtype: str | None, chains: int = 1, time_chunks: int = 1):
-    """Within the block, ``model.build_model`` builds FastLSTM layers (Keras's LSTM for None).
+    """Within the block, ``model.build_model`` builds the LSTM the benchmark asks for.
 
-    Works before and after model.py switches to FastLSTM, so the benchmark can always compare
-    both implementations through the package's own model builder.
+    Overrides the config's ``model.fast_lstm``, ``matmul_dtype``, ``chains`` and
+    ``time_chunks``, so the benchmark decides which implementation it measures.
 
     Args:
         matmul_dtype: FastLSTM's ``matmul_dtype``, or None for ``keras.layers.LSTM``.
@@ -119,21 +119,20 @@ def lstm_class(matmul_dtype: str | None, chains: int = 1, time_chunks: int = 1):
     from charrnn_keras.fast_lstm import FastLSTM
 
     def make(units, **kwargs):
-        # Ignores the config's matmul_dtype (passed once model.py has the patch): the
-        # benchmark decides which implementation it measures.
-        kwargs.pop("matmul_dtype", None)
+        for key in ("matmul_dtype", "chains", "time_chunks"):
+            kwargs.pop(key, None)
         if matmul_dtype is None:
             return keras.layers.LSTM(units, **kwargs)
         return FastLSTM(
             units, matmul_dtype=matmul_dtype, chains=chains, time_chunks=time_chunks, **kwargs
         )
 
-    saved = model_lib._LAYERS["lstm"]
-    model_lib._LAYERS["lstm"] = make
+    saved = dict(model_lib._LAYERS)
+    model_lib._LAYERS.update(lstm=make, fast_lstm=make)
     try:
         yield
     finally:
-        model_lib._LAYERS["lstm"] = saved
+        model_lib._LAYERS.update(saved)
 
 
 def parse_tf_threads(spec: str) -> tuple[int, int, int, int]:

@@ -8,7 +8,7 @@ Usage::
     python bench/run_all.py --report-only   # re-render BENCHMARKS.md from bench/results/
 
 Benchmarks run one after another, each in its own processes: train_speed.py, quality.py,
-memory.py, and, when present, sample_speed.py and serving_speed.py (their output is quoted).
+memory.py, sample_speed.py and serving_speed.py.
 Only the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in BENCHMARKS.md
 is replaced; the prose around it is kept. Figures from ``--quick`` runs are labelled as such.
 """
@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import re
+import statistics
 import subprocess
 import sys
 
@@ -102,8 +103,9 @@ def render_train_speed(result: dict) -> str:
             )
         lines.append("")
     lines.append(
-        "threads: ours `intra,inter,chains`, PyTorch `threads,interop`; each implementation "
-        "uses the fastest of its candidates in a one-window trial (none in --quick)."
+        "threads: ours `intra,inter,chains,time_chunks`, PyTorch `threads,interop`; each "
+        "implementation uses the fastest of its candidates in a one-window trial (none in "
+        "--quick)."
     )
     return "\n".join(lines)
 
@@ -164,9 +166,69 @@ def render_memory(result: dict) -> str:
     return "\n".join(lines)
 
 
-def render_text(name: str, text: str, quick: bool) -> str:
-    label = " (quick smoke run)" if quick else ""
-    return f"`python bench/{name}.py`{label}, output as printed:\n\n```\n{text.strip()}\n```"
+# The issue's targets for the exported generate signature, in chars/s.
+GENERATION_TARGETS = {
+    f"generate, {where}, batch {batch}": target
+    for where in ("in-process", "gRPC")
+    for batch, target in ((1, 3000), (8, 15000))
+}
+
+
+def _spread(values: list[float]) -> str:
+    ordered = sorted(values)
+    return f"{ordered[0]:,.0f} | {statistics.median(ordered):,.0f} | {ordered[-1]:,.0f}"
+
+
+def render_generation(sample: dict | None, serving: dict | None) -> str:
+    """One table of characters per second: charrnn sample, then the exported signatures."""
+    first = serving or sample
+    quick = any(r and r.get("quick") for r in (sample, serving))
+    cmd = "python bench/sample_speed.py; python bench/serving_speed.py" + (
+        " (both --quick)" if quick else ""
+    )
+    lines = _header({**first, "quick": quick}, cmd)
+    lines += [
+        "| what | model | batch | chars/s min | median | max | target |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    if sample:
+        for model, values in sample["chars_per_s"].items():
+            lines.append(f"| `charrnn sample` (Sampler) | {model} | 1 | {_spread(values)} | |")
+    if serving:
+        model = serving["model"].replace(" LSTM", "")
+        for label, values in serving["chars_per_s"].items():
+            what, batch = label.rsplit(", batch ", 1)
+            target = GENERATION_TARGETS.get(label)
+            lines.append(
+                f"| {what} | {model} | {batch} | {_spread(values)} | "
+                f"{_fmt(target) if target else ''} |"
+            )
+        n = serving["repeats"]
+        lines += [
+            "",
+            f"Windows: {n} per row after a warm-up call ({sample['chars'] if sample else '?'} "
+            f"characters per `charrnn sample` window, {serving['chars']} per `generate` row).",
+        ]
+    return "\n".join(lines)
+
+
+def render_serving(serving: dict) -> str:
+    lines = _header(
+        serving, "python bench/serving_speed.py" + (" --quick" if serving.get("quick") else "")
+    )
+    lines += [
+        f"{serving['model']}, 200-character `generate` requests over gRPC to `charrnn serve` "
+        "on loopback, each client one request at a time.",
+        "",
+        "| clients | requests | p50 ms | p99 ms | requests/s | chars/s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in serving["latency"]:
+        lines.append(
+            f"| {r['clients']} | {r['requests']} | {r['p50_ms']:,.1f} | {r['p99_ms']:,.1f} | "
+            f"{r['requests_per_s']:.1f} | {_fmt(r['chars_per_s'])} |"
+        )
+    return "\n".join(lines)
 
 
 def replace_section(markdown: str, name: str, body: str) -> str:
@@ -187,7 +249,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only re-render the tables")
     args = parser.parse_args()
     quick = ["--quick"] if args.quick else []
-    texts = {}
+    suffix = "_quick" if args.quick else ""
     if not args.report_only:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         print(f"benchmarks started {stamp}", flush=True)
@@ -198,17 +260,10 @@ def main() -> None:
             _run_script("quality.py", ["--minutes", f"{minutes:g}"], minutes * 150 + 1800)
         if "memory" not in args.skip:
             _run_script("memory.py", quick, 3600)
-        if "sample_speed" not in args.skip and (common.BENCH / "sample_speed.py").exists():
-            extra = ["--windows", "2", "--chars", "100"] if args.quick else []
-            texts["sample_speed"] = _run_script("sample_speed.py", extra, 1800)
-        if "serving_speed" not in args.skip and (common.BENCH / "serving_speed.py").exists():
-            out = str(common.RESULTS / "serving_speed.json")
-            texts["serving_speed"] = _run_script("serving_speed.py", [*quick, "--json", out], 1800)
-        common.RESULTS.mkdir(exist_ok=True)
-        for name, text in texts.items():
-            (common.RESULTS / f"{name}.txt").write_text(
-                json.dumps({"quick": args.quick, "text": text})
-            )
+        for name in ("sample_speed", "serving_speed"):
+            if name not in args.skip:
+                out = str(common.RESULTS / f"{name}{suffix}.json")
+                _run_script(f"{name}.py", [*quick, "--json", out], 1800)
     write_report(args.quick, args.quality_minutes)
 
 
@@ -226,12 +281,11 @@ def write_report(quick: bool, quality_minutes: float | None) -> None:
     memory = _load(f"memory{suffix}.json")
     if memory:
         markdown = replace_section(markdown, "memory", render_memory(memory))
-    for name in ("sample_speed", "serving_speed"):
-        saved = _load(f"{name}.txt")
-        if saved:
-            markdown = replace_section(
-                markdown, name, render_text(name, saved["text"], saved["quick"])
-            )
+    sample, serving = _load(f"sample_speed{suffix}.json"), _load(f"serving_speed{suffix}.json")
+    if sample or serving:
+        markdown = replace_section(markdown, "generation", render_generation(sample, serving))
+    if serving:
+        markdown = replace_section(markdown, "serving", render_serving(serving))
     BENCHMARKS_MD.write_text(markdown)
     print(f"rewrote {BENCHMARKS_MD}", flush=True)
 

@@ -1,27 +1,31 @@
-"""Characters per second of ``Sampler.generate`` for 2-layer LSTMs with random weights.
+"""Characters per second of ``charrnn sample`` (``Sampler.generate``), 2-layer LSTMs.
 
 Usage::
 
-    python bench/sample_speed.py                   # 2x128 and 2x512, 5 windows of 500 chars
+    python bench/sample_speed.py                   # 2x128 and 2x512, 7 windows of 1000 chars
     python bench/sample_speed.py --sizes 128 --windows 3 --chars 200
+    python bench/sample_speed.py --json bench/results/sample_speed.json
 
-Each size gets one warm-up generation (tracing the compiled step), then ``--windows`` timed
-generations of ``--chars`` characters; min/median/max characters per second are printed. The
-weights are random: speed does not depend on what the model has learned.
+Each size gets one warm-up generation (tracing the compiled calls), then ``--windows`` timed
+generations of ``--chars`` characters, consumed one by one as the CLI does; min/median/max
+characters per second are printed. The weights are random: speed does not depend on what the
+model has learned.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
 import statistics
 import string
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -52,20 +56,30 @@ def measure(rnn_size: int, chars: int, windows: int, temperature: float) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512], help="LSTM units")
-    parser.add_argument("--chars", type=int, default=500, help="characters per timed window")
-    parser.add_argument("--windows", type=int, default=5, help="timed windows per size")
+    parser.add_argument("--chars", type=int, default=1000, help="characters per timed window")
+    parser.add_argument("--windows", type=int, default=7, help="timed windows per size")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--quick", action="store_true", help="2 windows of 200 characters")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.quick:
+        args.windows, args.chars = 2, 200
+    machine = common.machine()
     devices = ", ".join(d.device_type for d in tf.config.list_logical_devices())
     print(f"tensorflow {tf.__version__}, keras {keras.__version__}, devices: {devices}")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"{machine['cpu']}, {machine['cpus']} CPUs")
     print(f"{'model':>8} {'min':>9} {'median':>9} {'max':>9}  chars/s")
+    results = {"machine": machine, "quick": args.quick, "chars": args.chars, "chars_per_s": {}}
     for size in args.sizes:
         rates = measure(size, args.chars, args.windows, args.temperature)
+        results["chars_per_s"][f"2 x {size}"] = rates
         print(
             f"{'2x' + str(size):>8} {min(rates):9.0f} {statistics.median(rates):9.0f} "
             f"{max(rates):9.0f}"
         )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

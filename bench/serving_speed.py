@@ -1,4 +1,4 @@
-"""Serving speed of an exported 2x512 LSTM (random weights): one-call generate vs per-step calls.
+"""Generation and serving speed of an exported 2x512 LSTM (random weights).
 
 Usage::
 
@@ -7,12 +7,14 @@ Usage::
     python bench/serving_speed.py --json bench/results/serving_speed.json
 
 It exports a random-weight model to a temporary directory, starts ``charrnn serve`` on a free
-loopback port in a subprocess (so server and client do not share a GIL), then measures:
+loopback port in a subprocess (so server and client do not share a GIL), then measures, each
+as ``--repeats`` timed windows after one warm-up call:
 
-- one ``generate`` of ``--chars`` characters in-process (graph-mode Session, as the server runs
-  it) and over gRPC, against a loop of ``--chars`` ``step`` calls (in-process and over gRPC);
-- p50/p99 latency and requests/s of 200-character ``generate`` over gRPC with 1 and 8 clients;
-- characters/s of ``generate`` in-process at batch 1 and 8.
+- characters/s of one ``generate`` call of ``--chars`` characters per row, at batch 1 and 8,
+  in-process (a graph-mode Session on the SavedModel, as TF Serving runs it) and over gRPC;
+- for comparison, a loop of ``--chars`` ``step`` calls at batch 1 (in-process and over gRPC);
+- p50/p99 latency, requests/s and characters/s of 200-character ``generate`` requests over
+  gRPC with 1 and 8 concurrent clients.
 
 The weights are random: speed does not depend on what the model has learned.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import string
@@ -36,6 +37,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -159,9 +161,15 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q))
 
 
+def rates(fn, chars: int, repeats: int) -> list[float]:
+    """Characters per second of each timed call of ``fn`` (which writes ``chars``)."""
+    return [chars / t for t in timed(fn, repeats)]
+
+
 def run(rnn_size: int, chars: int, repeats: int, requests: int) -> dict:
-    """Runs every measurement; returns the results as a dict (seconds and rates)."""
-    results: dict = {"model": f"2x{rnn_size} lstm", "chars": chars}
+    """Runs every measurement; returns the results as a dict (chars/s per window, latencies)."""
+    results: dict = {"model": f"2 x {rnn_size} LSTM", "chars": chars, "repeats": repeats}
+    speed: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = make_export(Path(tmp), rnn_size)
         loaded = LoadedVersion(export_dir / MODEL / "1", 1)
@@ -169,32 +177,40 @@ def run(rnn_size: int, chars: int, repeats: int, requests: int) -> dict:
         step = session_runner(loaded, names.STEP)
         zeros = {n: np.zeros([1, rnn_size], np.float32)
                  for n in loaded.signatures[names.STEP].inputs if n != names.CHAR_IDS}  # fmt: skip
-        results["inprocess_generate_s"] = statistics.median(
-            timed(lambda: generate(generate_inputs(1, chars)), repeats))  # fmt: skip
-        results["inprocess_step_loop_s"] = statistics.median(
-            timed(lambda: step_loop(step, zeros, chars), repeats))  # fmt: skip
         for batch in (1, 8):
-            seconds = statistics.median(
-                timed(lambda b=batch: generate(generate_inputs(b, chars)), repeats))  # fmt: skip
-            results[f"inprocess_batch{batch}_chars_per_s"] = batch * chars / seconds
+            inputs = generate_inputs(batch, chars)
+            speed[f"generate, in-process, batch {batch}"] = rates(
+                lambda i=inputs: generate(i), batch * chars, repeats
+            )
+        speed["step loop, in-process, batch 1"] = rates(
+            lambda: step_loop(step, zeros, chars), chars, repeats
+        )
         loaded.retire()
         proc, address = start_server(export_dir)
         try:
             with Client(address, MODEL, timeout=300) as client:
-                results["grpc_generate_s"] = statistics.median(
-                    timed(lambda: client.generate(PRIME, chars), repeats))  # fmt: skip
-                zero = {k: v for k, v in zeros.items()}
+                for batch in (1, 8):
+                    primes = [PRIME] * batch
+                    speed[f"generate, gRPC, batch {batch}"] = rates(
+                        lambda p=primes: client.generate(p, chars), batch * chars, repeats
+                    )
 
                 def grpc_step(inputs):
                     return client.predict(names.STEP, inputs)
 
-                results["grpc_step_loop_s"] = statistics.median(
-                    timed(lambda: step_loop(grpc_step, zero, chars), repeats))  # fmt: skip
+                speed["step loop, gRPC, batch 1"] = rates(
+                    lambda: step_loop(grpc_step, zeros, chars), chars, max(1, repeats // 2)
+                )
+            results["chars_per_s"] = speed
+            results["latency"] = []
             for clients in (1, 8):
                 times, wall = latencies(address, clients, requests, 200)
-                results[f"grpc_200_c{clients}_p50_ms"] = pct(times, 50)
-                results[f"grpc_200_c{clients}_p99_ms"] = pct(times, 99)
-                results[f"grpc_200_c{clients}_req_per_s"] = len(times) / wall
+                results["latency"].append({
+                    "clients": clients, "requests": len(times), "chars": 200,
+                    "p50_ms": pct(times, 50), "p99_ms": pct(times, 99),
+                    "requests_per_s": len(times) / wall,
+                    "chars_per_s": len(times) * 200 / wall,
+                })  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(30)
@@ -204,31 +220,25 @@ def run(rnn_size: int, chars: int, repeats: int, requests: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512, help="LSTM units per layer")
-    parser.add_argument("--chars", type=int, default=500, help="characters per generate")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument("--chars", type=int, default=500, help="characters per generate row")
+    parser.add_argument("--repeats", type=int, default=7, help="timed windows per measurement")
     parser.add_argument("--requests", type=int, default=40, help="requests per latency client")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.requests, args.chars = 1, 3, min(args.chars, 100)
-    print(f"tensorflow {tf.__version__}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
-    results = run(args.size, args.chars, args.repeats, args.requests)
-    n = results["chars"]
-    print(f"model {results['model']}, {n} characters per generate (medians)")
-    for key in ("inprocess_generate_s", "inprocess_step_loop_s", "grpc_generate_s",
-                "grpc_step_loop_s"):  # fmt: skip
-        print(f"  {key:<28} {results[key] * 1000:9.1f} ms  {n / results[key]:9.0f} chars/s")
-    for batch in (1, 8):
-        key = f"inprocess_batch{batch}_chars_per_s"
-        print(f"  {key:<28} {results[key]:9.0f} chars/s")
-    for clients in (1, 8):
-        p = f"grpc_200_c{clients}"
-        print(
-            f"  200-char generate, {clients} client(s): p50 {results[p + '_p50_ms']:.1f} ms, "
-            f"p99 {results[p + '_p99_ms']:.1f} ms, {results[p + '_req_per_s']:.1f} requests/s"
-        )
+        args.repeats, args.requests, args.chars = 2, 3, min(args.chars, 100)
+    machine = common.machine()
+    print(f"tensorflow {tf.__version__}; {machine['cpu']}, {machine['cpus']} CPUs")
+    results = {"machine": machine, "quick": args.quick,
+               **run(args.size, args.chars, args.repeats, args.requests)}  # fmt: skip
+    print(f"{results['model']}, {results['chars']} characters per row, chars/s per window:")
+    for label, values in results["chars_per_s"].items():
+        print(f"  {label:<32} min {min(values):7.0f}  median {statistics.median(values):7.0f}"
+              f"  max {max(values):7.0f}")  # fmt: skip
+    for r in results["latency"]:
+        print(f"  200-char generate, {r['clients']} client(s): p50 {r['p50_ms']:.1f} ms, "
+              f"p99 {r['p99_ms']:.1f} ms, {r['requests_per_s']:.1f} requests/s")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

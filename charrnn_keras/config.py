@@ -18,6 +18,7 @@ import tomllib
 from charrnn_keras.errors import CharRNNError
 
 CELLS = ("lstm", "gru", "rnn")
+MATMUL_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(CharRNNError):
@@ -51,6 +52,15 @@ class ModelConfig:
         rnn_size: units in each recurrent layer.
         num_layers: number of stacked recurrent layers.
         dropout: dropout rate after each recurrent layer during training (0 = none).
+        fast_lstm: train LSTM layers with ``fast_lstm.FastLSTM``: the same layer, weights and
+            results as ``keras.layers.LSTM``, with a faster training loop (BENCHMARKS.md, 1).
+        matmul_dtype: ``float32``, or ``bfloat16`` for training matmuls in bf16 (needs
+            ``fast_lstm``; pays only on CPUs with native bf16). Validation, sampling and the
+            export always run float32.
+        chains: FastLSTM splits the batch rows into this many independent recurrences, which
+            TensorFlow's inter-op threads run side by side (same results).
+        time_chunks: FastLSTM does its large matmuls in this many blocks of time steps, so
+            they overlap the recurrence on another thread (same results up to rounding).
     """
 
     cell: str = "lstm"
@@ -58,6 +68,10 @@ class ModelConfig:
     rnn_size: int = 128
     num_layers: int = 2
     dropout: float = 0.0
+    fast_lstm: bool = False
+    matmul_dtype: str = "float32"
+    chains: int = 1
+    time_chunks: int = 1
 
 
 @dataclass
@@ -73,6 +87,8 @@ class TrainConfig:
         seed: seeds weight initialisation and dropout.
         checkpoint_every: save a named checkpoint every this many steps (0 = only the best).
         sample_chars: length of the sample shown after each epoch and at the end (0 = none).
+        intra_op_threads: TensorFlow's threads within one op (0 = TensorFlow's default).
+        inter_op_threads: TensorFlow's threads running independent ops (0 = the default).
     """
 
     epochs: int = 8
@@ -83,6 +99,8 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 0
     sample_chars: int = 300
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
 
 
 @dataclass
@@ -140,6 +158,8 @@ def _validate(cfg: Config) -> None:
         ("model.embedding_dim", cfg.model.embedding_dim),
         ("model.rnn_size", cfg.model.rnn_size),
         ("model.num_layers", cfg.model.num_layers),
+        ("model.chains", cfg.model.chains),
+        ("model.time_chunks", cfg.model.time_chunks),
         ("train.epochs", cfg.train.epochs),
         ("train.learning_rate", cfg.train.learning_rate),
         ("train.lr_decay", cfg.train.lr_decay),
@@ -152,6 +172,8 @@ def _validate(cfg: Config) -> None:
         ("train.max_minutes", cfg.train.max_minutes),
         ("train.checkpoint_every", cfg.train.checkpoint_every),
         ("train.sample_chars", cfg.train.sample_chars),
+        ("train.intra_op_threads", cfg.train.intra_op_threads),
+        ("train.inter_op_threads", cfg.train.inter_op_threads),
     ]
     for key, value in non_negative:
         if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
@@ -162,8 +184,23 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout!r}")
     if not 0 <= cfg.train.seed < 2**32:  # what keras.utils.set_random_seed (numpy) accepts
         raise ConfigError(f"train.seed must be from 0 to {2**32 - 1}, got {cfg.train.seed!r}")
-    if cfg.model.cell not in CELLS:
-        raise ConfigError(f"model.cell must be one of {', '.join(CELLS)}, got {cfg.model.cell!r}")
+    m = cfg.model
+    if m.cell not in CELLS:
+        raise ConfigError(f"model.cell must be one of {', '.join(CELLS)}, got {m.cell!r}")
+    if m.matmul_dtype not in MATMUL_DTYPES:
+        raise ConfigError(
+            f"model.matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {m.matmul_dtype!r}"
+        )
+    if m.fast_lstm and m.cell != "lstm":
+        raise ConfigError(f'model.fast_lstm needs model.cell = "lstm", got {m.cell!r}')
+    fast_only = {"matmul_dtype": m.matmul_dtype != "float32", "chains": m.chains != 1,
+                 "time_chunks": m.time_chunks != 1}  # fmt: skip
+    for key, changed in fast_only.items():
+        if changed and not m.fast_lstm:
+            raise ConfigError(
+                f"model.{key} = {getattr(m, key)!r} needs model.fast_lstm = true "
+                f"(it is a FastLSTM setting); set both, or leave {key} at its default"
+            )
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:

@@ -228,8 +228,21 @@ def check_size(n_chars: int, batch_size: int, seq_length: int, val_fraction: flo
         )
 
 
+def _num_batches(length: int, batch_size: int, seq_length: int) -> int:
+    num_batches = (length - 1) // (batch_size * seq_length)
+    if num_batches < 1:
+        raise DataError(
+            f"a split of {length:,} characters is too small for one batch of "
+            f"{batch_size} x {seq_length}"
+        )
+    return num_batches
+
+
 def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int):
-    """Lays out a split as ``batch_size`` parallel streams.
+    """Lays out a split as ``batch_size`` parallel streams, as numpy arrays.
+
+    ``make_dataset`` yields the same batches without materialising them; this is the layout's
+    reference (the tests and the PyTorch benchmark use it).
 
     Args:
         ids: one split of the encoded text.
@@ -240,12 +253,7 @@ def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int):
         ``(x, y)``, each ``[num_batches, batch_size, seq_length]``, where ``y`` is ``x`` shifted
         by one character and ``x[k+1, i, 0]`` follows ``x[k, i, -1]`` in the text.
     """
-    num_batches = (len(ids) - 1) // (batch_size * seq_length)
-    if num_batches < 1:
-        raise DataError(
-            f"a split of {len(ids):,} characters is too small for one batch of "
-            f"{batch_size} x {seq_length}"
-        )
+    num_batches = _num_batches(len(ids), batch_size, seq_length)
     n = num_batches * batch_size * seq_length
 
     def layout(a):
@@ -259,6 +267,9 @@ def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int):
 def make_dataset(ids: np.ndarray, batch_size: int, seq_length: int):
     """Returns a tf.data.Dataset of ``(inputs, targets)`` int32 batches in stream order.
 
+    The batches are those of ``stream_batches``, gathered one at a time from a single copy of
+    the split, so a large corpus costs its own size once more, not four times.
+
     Args:
         ids: one split of the encoded text.
         batch_size: rows per batch.
@@ -269,10 +280,24 @@ def make_dataset(ids: np.ndarray, batch_size: int, seq_length: int):
     """
     import tensorflow as tf
 
-    x, y = stream_batches(ids, batch_size, seq_length)
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    ds = ds.map(lambda a, b: (tf.cast(a, tf.int32), tf.cast(b, tf.int32)))
-    return ds.prefetch(tf.data.AUTOTUNE), len(x)
+    num_batches = _num_batches(len(ids), batch_size, seq_length)
+    n = num_batches * batch_size * seq_length
+    text = tf.constant(ids[: n + 1])
+    # Row i is the i-th of batch_size equal stretches of the text; batch k takes its k-th piece.
+    stretch = num_batches * seq_length
+    offsets = tf.range(batch_size, dtype=tf.int64)[:, None] * stretch + tf.range(
+        seq_length, dtype=tf.int64
+    )
+
+    def batch(k):
+        index = offsets + k * seq_length
+        return (
+            tf.cast(tf.gather(text, index), tf.int32),
+            tf.cast(tf.gather(text, index + 1), tf.int32),
+        )
+
+    ds = tf.data.Dataset.range(num_batches).map(batch)
+    return ds.prefetch(tf.data.AUTOTUNE), num_batches
 
 
 def describe(corpus: Corpus) -> dict:

@@ -266,3 +266,9 @@ class FastLSTM(keras.layers.LSTM):
             "chains": self.chains,
             "time_chunks": self.time_chunks,
         }
+
+
+# Keras keys a layer's weights in .weights.h5 files by its snake-cased class name, not by the
+# layer's name. Under LSTM's class name, FastLSTM's weight files and keras.layers.LSTM's are
+# interchangeable, so a run can switch model.fast_lstm on or off and keep its checkpoints.
+FastLSTM.__name__ = FastLSTM.__qualname__ = "LSTM"

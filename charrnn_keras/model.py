@@ -15,8 +15,14 @@ from pathlib import Path
 import keras
 
 from charrnn_keras.config import ModelConfig, TrainConfig
+from charrnn_keras.fast_lstm import FastLSTM
 
-_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
+_LAYERS = {
+    "lstm": keras.layers.LSTM,
+    "gru": keras.layers.GRU,
+    "rnn": keras.layers.SimpleRNN,
+    "fast_lstm": FastLSTM,
+}
 
 
 class CharRNN(keras.Sequential):
@@ -71,15 +77,25 @@ def build_model(
         ),
     ]
     for i in range(1, cfg.num_layers + 1):
-        layers.append(
-            _LAYERS[cfg.cell](
-                cfg.rnn_size, stateful=True, return_sequences=True, name=f"{cfg.cell}_{i}"
-            )
-        )
+        layers.append(_recurrent_layer(cfg, name=f"{cfg.cell}_{i}"))
         if cfg.dropout > 0:
             layers.append(keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}"))
     layers.append(keras.layers.Dense(vocab_size, name="logits"))
     return CharRNN(layers, name=name)
+
+
+def _recurrent_layer(cfg: ModelConfig, name: str) -> keras.layers.RNN:
+    """Returns one stateful recurrent layer; FastLSTM keeps LSTM's weights, so names match."""
+    common = {"stateful": True, "return_sequences": True, "name": name}
+    if not cfg.fast_lstm:
+        return _LAYERS[cfg.cell](cfg.rnn_size, **common)
+    return _LAYERS["fast_lstm"](
+        cfg.rnn_size,
+        matmul_dtype=None if cfg.matmul_dtype == "float32" else cfg.matmul_dtype,
+        chains=cfg.chains,
+        time_chunks=cfg.time_chunks,
+        **common,
+    )
 
 
 def rnn_layers(model: keras.Model) -> list:

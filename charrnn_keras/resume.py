@@ -59,6 +59,10 @@ def resolve_run_dir(run_dir, config_name: str, overwrite: bool) -> Path:
     return run_dir
 
 
+# How the LSTM is computed, not what: the weights are the same, so a run may change them.
+SPEED_KEYS = {"model.fast_lstm", "model.matmul_dtype", "model.chains", "model.time_chunks"}
+
+
 def check_resume(run_dir: Path, cfg: Config, corpus: data_lib.Corpus) -> None:
     """Refuses to resume a run whose model, data layout or corpus differ from this one."""
     old_cfg, old_vocab = rd.load_run(run_dir)
@@ -66,7 +70,7 @@ def check_resume(run_dir: Path, cfg: Config, corpus: data_lib.Corpus) -> None:
         f"{section}.{key}: {old!r} -> {new!r}"
         for section in ("data", "model")
         for key, old in old_cfg.to_dict()[section].items()
-        if (new := cfg.to_dict()[section][key]) != old
+        if (new := cfg.to_dict()[section][key]) != old and f"{section}.{key}" not in SPEED_KEYS
     ]
     old_digest = rd.read_run_info(run_dir).get("data", {}).get("sha256")
     if old_digest and old_digest != corpus.digest:

@@ -1,10 +1,11 @@
-"""Text generation: the 1x1 stateful sampling model and its one-character draw loop.
+"""Text generation: the 1x1 stateful sampling model and its chunked draw loop.
 
 The sampling model has the training model's layers with ``batch_shape=(1, 1)``, so it loads the
-same weights and keeps its recurrent state in the layers between calls. Each generated
-character costs one call of a compiled ``tf.function`` (model step + ``draw.draw_next``), never
-``model.predict``. Draws are keyed by ``(seed, position)``, so the exported SavedModel, which
-uses the same ``draw_next``, reproduces this text byte for byte.
+same weights and keeps its recurrent state in the layers between calls. Characters are drawn in
+chunks: one call of a compiled ``tf.function`` runs a ``tf.while_loop`` of ``model.step`` and
+``draw.draw_next`` over up to ``CHUNK`` characters, then writes the state back to the layers.
+The exported ``generate`` signature runs the same ``model.step`` and ``draw_next``, and draws
+are keyed by ``(seed, position)``, so it reproduces this text byte for byte.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from charrnn_keras import rundir
 from charrnn_keras.config import ModelConfig
 from charrnn_keras.draw import draw_next, seed_pair
 from charrnn_keras.errors import CharRNNError
-from charrnn_keras.model import build_model, reset_states
+from charrnn_keras.model import build_model, reset_states, rnn_layers, step
 from charrnn_keras.vocab import Vocab, VocabError, format_chars
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("sample", "words")
 UNKNOWN = ("error", "skip")
 _MAX_LISTED = 20  # unknown characters named in one error line
+# Characters per compiled call: the first chunk is short so that text starts at once; later
+# ones amortise the call (about 1 ms) over many characters.
+FIRST_CHUNK = 16
+CHUNK = 256
 
 
 class SamplingError(CharRNNError):
@@ -85,16 +90,19 @@ class Sampler:
         self.model = build_model(cfg, len(vocab), batch_size=1, seq_length=1, name="sampler")
         self._space = vocab.index.get(" ")
         self._owner = None  # the generation that last reset the state
+        self._state_vars = [v for layer in rnn_layers(self.model) for v in layer.states]
         # Fixed signatures: every call passes tensors of these shapes, so each traces once.
         self._feed = tf.function(self._feed_ids, input_signature=[tf.TensorSpec([None], tf.int32)])
-        self._step = tf.function(
-            self._step_id,
+        self._draw = tf.function(
+            self._draw_chunk,
             input_signature=[
-                tf.TensorSpec([], tf.int32),
-                tf.TensorSpec([], tf.float32),
-                tf.TensorSpec([], tf.int32),
-                tf.TensorSpec([2], tf.int64),
-                tf.TensorSpec([], tf.int64),
+                tf.TensorSpec([], tf.int32),  # the last character fed
+                tf.TensorSpec([], tf.int32),  # how many to draw
+                tf.TensorSpec([], tf.float32),  # temperature
+                tf.TensorSpec([], tf.int32),  # top_k
+                tf.TensorSpec([2], tf.int64),  # seed
+                tf.TensorSpec([], tf.int64),  # position of the first draw
+                tf.TensorSpec([], tf.bool),  # strategy "words"
             ],
         )
 
@@ -193,33 +201,71 @@ class Sampler:
         reset_states(self.model)
         if len(ids) > 1:
             self._feed(tf.constant(ids[:-1], tf.int32))
-        sampled = tf.constant(temperature, tf.float32)
-        greedy = tf.constant(0.0, tf.float32)
-        top_k_t = tf.constant(top_k, tf.int32)
-        seed_t = seed_pair(seed)
-        prev = int(ids[-1])
-        for position in range(num_chars):
+        settings = (
+            tf.constant(temperature, tf.float32),
+            tf.constant(top_k, tf.int32),
+            seed_pair(seed),
+        )
+        words = tf.constant(strategy == "words")
+        prev, position = int(ids[-1]), 0
+        while position < num_chars:
             if self._owner is not token:
                 raise RuntimeError("another generate() on this Sampler has reset its state")
-            # The last prime character is fed here, so its logits give the draw at position 0.
-            words_inside = strategy == "words" and prev != self._space
-            prev = int(
-                self._step(
-                    tf.constant(prev, tf.int32),
-                    greedy if words_inside else sampled,
-                    top_k_t,
-                    seed_t,
-                    tf.constant(position, tf.int64),
-                )
-            )
-            yield self.vocab.chars[prev]
+            # The last prime character is fed first, so its logits give the draw at position 0.
+            count = min(num_chars - position, FIRST_CHUNK if position == 0 else CHUNK)
+            drawn = self._draw(
+                tf.constant(prev, tf.int32),
+                tf.constant(count, tf.int32),
+                *settings,
+                tf.constant(position, tf.int64),
+                words,
+            ).numpy()
+            for char_id in drawn:
+                if self._owner is not token:
+                    raise RuntimeError("another generate() on this Sampler has reset its state")
+                yield self.vocab.chars[char_id]
+            prev, position = int(drawn[-1]), position + count
+
+    def _read_states(self):
+        return [tf.convert_to_tensor(v) for v in self._state_vars]
+
+    def _write_states(self, states) -> None:
+        for var, value in zip(self._state_vars, states, strict=True):
+            var.assign(value)
 
     def _feed_ids(self, ids):
         """Runs ``ids`` through the model one at a time, only to advance the state."""
-        for i in tf.range(tf.size(ids)):
-            self.model(tf.reshape(ids[i], [1, 1]), training=False)
 
-    def _step_id(self, char_id, temperature, top_k, seed, position):
-        """Feeds one character and draws the next one's id."""
-        logits = self.model(tf.reshape(char_id, [1, 1]), training=False)[:, -1, :]
-        return draw_next(logits, temperature, top_k, seed, position)[0]
+        def body(i, states):
+            _, states = step(self.model, tf.reshape(ids[i], [1]), states)
+            return i + 1, states
+
+        _, states = tf.while_loop(
+            lambda i, _: i < tf.size(ids), body, (tf.constant(0), self._read_states())
+        )
+        self._write_states(states)
+
+    def _draw_chunk(self, prev, count, temperature, top_k, seed, start, words):
+        """Feeds ``prev``, draws the next character, feeds it, and so on ``count`` times.
+
+        With ``words``, a character inside a word (after anything but a space) is the most
+        likely one; after a space it is drawn.
+
+        Returns:
+            int32 ``[count]``: the drawn ids.
+        """
+        space = tf.constant(-1 if self._space is None else self._space, tf.int32)
+        zero = tf.constant(0.0, tf.float32)
+        out = tf.TensorArray(tf.int32, size=count)
+
+        def body(i, prev, states, out):
+            logits, states = step(self.model, tf.reshape(prev, [1]), states)
+            temp = tf.where(words & (prev != space), zero, temperature)
+            drawn = draw_next(logits, temp, top_k, seed, start + tf.cast(i, tf.int64))[0]
+            return i + 1, drawn, states, out.write(i, drawn)
+
+        _, _, states, out = tf.while_loop(
+            lambda i, *_: i < count, body, (tf.constant(0), prev, self._read_states(), out)
+        )
+        self._write_states(states)
+        return out.stack()

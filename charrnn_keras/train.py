@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
 from charrnn_keras import data as data_lib
 from charrnn_keras import rundir as rd
 from charrnn_keras.backup import RunBackup
 from charrnn_keras.callbacks import PeriodicCheckpoint, ResetStates, SampleText, TimeBudget
-from charrnn_keras.config import Config
+from charrnn_keras.config import Config, TrainConfig
 from charrnn_keras.errors import CharRNNError
 from charrnn_keras.model import build_model, compile_model
 from charrnn_keras.resume import check_resume, history_best, resolve_run_dir, truncate_history
@@ -58,6 +59,33 @@ class TrainResult:
     stopped_early: str
 
 
+def apply_threads(cfg: TrainConfig) -> None:
+    """Sets TensorFlow's thread pools from ``train.intra_op_threads`` and ``inter_op_threads``.
+
+    TensorFlow fixes its pools when it runs its first op, so a process that already ran one
+    (a notebook, a test) keeps its pools and gets a warning naming the environment variable.
+    """
+    threading = tf.config.threading
+    pools = [
+        ("intra_op_threads", "TF_NUM_INTRAOP_THREADS",
+         threading.get_intra_op_parallelism_threads, threading.set_intra_op_parallelism_threads),
+        ("inter_op_threads", "TF_NUM_INTEROP_THREADS",
+         threading.get_inter_op_parallelism_threads, threading.set_inter_op_parallelism_threads),
+    ]  # fmt: skip
+    for key, env, get, set_ in pools:
+        wanted = getattr(cfg, key)
+        if not wanted or get() == wanted:
+            continue
+        try:
+            set_(wanted)
+        except RuntimeError:
+            logger.warning(
+                "train.%s = %d not applied: TensorFlow already started in this process; "
+                "set %s=%d in the environment instead",
+                key, wanted, env, wanted,
+            )  # fmt: skip
+
+
 def train(
     cfg: Config,
     data: str | None = None,
@@ -79,6 +107,7 @@ def train(
     Returns:
         A TrainResult.
     """
+    apply_threads(cfg.train)
     run_dir = resolve_run_dir(run_dir, config_name, overwrite)
     corpus = data_lib.load_corpus(data, cfg.data.max_chars, cache_dir=run_dir.parent / ".cache")
     d = cfg.data

@@ -2,7 +2,7 @@ import pytest
 
 from charrnn_keras.config import Config, ConfigError, load_config, parse_override
 
-REPO_CONFIGS = ["default", "shakespeare", "anna", "tiny"]
+REPO_CONFIGS = ["default", "shakespeare", "anna", "tiny", "shakespeare_fast"]
 
 
 @pytest.mark.parametrize("name", REPO_CONFIGS)
@@ -57,6 +57,11 @@ def test_overrides_are_typed_and_applied():
         ("train.learning_rate=nan", "train.learning_rate must be greater than 0"),
         ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1)"),
         ("model.cell=transformer", "model.cell must be one of lstm, gru, rnn"),
+        ("model.matmul_dtype=float16", "model.matmul_dtype must be one of float32, bfloat16"),
+        ("model.matmul_dtype=bfloat16", "needs model.fast_lstm = true"),
+        ("model.chains=2", "model.chains = 2 needs model.fast_lstm = true"),
+        ("model.time_chunks=0", "model.time_chunks must be greater than 0"),
+        ("train.inter_op_threads=-1", "train.inter_op_threads must be 0 or more"),
         ("epochs=3", "the key must be section.key"),
         ("train.epochs", "expected section.key=value"),
     ],
@@ -86,3 +91,10 @@ def test_bad_files(tmp_path):
 def test_parse_override_reads_toml_values():
     assert parse_override("train.seed=7") == ("train", "seed", 7)
     assert parse_override('model.cell="lstm"') == ("model", "cell", "lstm")
+
+
+def test_fast_lstm_needs_an_lstm_cell():
+    with pytest.raises(ConfigError, match='model.fast_lstm needs model.cell = "lstm"'):
+        load_config(None, ["model.fast_lstm=true", "model.cell=gru"])
+    cfg = load_config(None, ["model.fast_lstm=true", "model.matmul_dtype=bfloat16"])
+    assert cfg.model.fast_lstm and cfg.model.matmul_dtype == "bfloat16"

@@ -140,3 +140,104 @@ def test_config_round_trip():
     clone = keras.layers.deserialize(keras.layers.serialize(layer))
     assert isinstance(clone, FastLSTM)
     assert (clone.matmul_dtype, clone.chains, clone.time_chunks) == ("bfloat16", 2, 4)
+
+
+# --- FastLSTM in the package: config keys, weights shared with keras.layers.LSTM, training ---
+
+
+def _package_models(fast_overrides, batch=4, seq=6, vocab=11):
+    """Returns (keras-LSTM model, FastLSTM model) of the tiny config with the same weights."""
+    from conftest import TINY_CONFIG
+
+    from charrnn_keras.config import load_config
+    from charrnn_keras.model import build_model
+
+    plain = build_model(load_config(TINY_CONFIG).model, vocab, batch, seq)
+    fast = build_model(load_config(TINY_CONFIG, fast_overrides).model, vocab, batch, seq)
+    fast.set_weights(plain.get_weights())
+    return plain, fast
+
+
+def test_config_builds_fast_lstm_layers_with_its_settings():
+    from charrnn_keras.model import rnn_layers
+
+    overrides = ["model.fast_lstm=true", "model.matmul_dtype=bfloat16", "model.chains=2",
+                 "model.time_chunks=3"]  # fmt: skip
+    plain, fast = _package_models(overrides)
+    assert [type(layer) for layer in rnn_layers(plain)] == [keras.layers.LSTM] * 2
+    layers = rnn_layers(fast)
+    assert [type(layer) for layer in layers] == [FastLSTM] * 2
+    assert {(la.matmul_dtype, la.chains, la.time_chunks) for la in layers} == {("bfloat16", 2, 3)}
+    assert [layer.name for layer in fast.layers] == [layer.name for layer in plain.layers]
+
+
+def test_fast_model_infers_what_the_keras_model_does(tmp_path):
+    plain, fast = _package_models(["model.fast_lstm=true", "model.chains=2", "model.time_chunks=2"])
+    x = np.random.default_rng(0).integers(0, 11, (4, 6)).astype("int32")
+    np.testing.assert_allclose(fast(x), plain(x), atol=1e-5)
+    # A weights file from the fast model loads into the plain one, as the sampler does.
+    fast.save_weights(tmp_path / "fast.weights.h5")
+    plain.load_weights(tmp_path / "fast.weights.h5")
+    np.testing.assert_allclose(plain(x), fast(x), atol=1e-5)
+
+
+def test_fast_bf16_run_trains_and_its_checkpoints_serve_plain_lstm(tmp_path):
+    from conftest import TINY_CONFIG, TINY_TEXT
+
+    from charrnn_keras import data as data_lib
+    from charrnn_keras import rundir
+    from charrnn_keras.config import load_config
+    from charrnn_keras.errors import CharRNNError
+    from charrnn_keras.resume import check_resume
+    from charrnn_keras.sampling import Sampler
+    from charrnn_keras.train import train
+
+    data = tmp_path / "corpus.txt"
+    data.write_text(TINY_TEXT, encoding="utf-8")
+    fast = ["model.fast_lstm=true", "model.matmul_dtype=bfloat16", "model.chains=2",
+            "model.time_chunks=2", "train.sample_chars=0", "train.epochs=3"]  # fmt: skip
+    run = tmp_path / "run"
+    result = train(load_config(TINY_CONFIG, fast), str(data), run, verbose=0)
+    assert result.best_val_loss < np.log(len(set(TINY_TEXT))) - 0.5
+
+    # A sampler with keras.layers.LSTM loads the FastLSTM run's checkpoint and writes the same.
+    cfg, vocab = rundir.load_run(run)
+    plain = Sampler(load_config(TINY_CONFIG).model, vocab)
+    rundir.load_weights(plain.model, rundir.find_checkpoint(run))
+    expected = Sampler.from_run_dir(run).sample("the ", 40, seed=3)
+    assert plain.sample("the ", 40, seed=3) == expected
+
+    # Resuming may switch the speed settings (same weights), not the model.
+    corpus = data_lib.load_corpus(str(data), cfg.data.max_chars, cache_dir=None)
+    check_resume(run, load_config(TINY_CONFIG, ["train.epochs=3"]), corpus)
+    with pytest.raises(CharRNNError, match="model.rnn_size"):
+        check_resume(run, load_config(TINY_CONFIG, [*fast, "model.rnn_size=8"]), corpus)
+
+
+def test_thread_settings_apply_before_tensorflow_starts():
+    import subprocess
+    import sys
+
+    code = (
+        "import tensorflow as tf\n"
+        "from charrnn_keras.config import TrainConfig\n"
+        "from charrnn_keras.train import apply_threads\n"
+        "apply_threads(TrainConfig(intra_op_threads=1, inter_op_threads=3))\n"
+        "tf.constant(1.0) + 1\n"
+        "print(tf.config.threading.get_intra_op_parallelism_threads(),"
+        " tf.config.threading.get_inter_op_parallelism_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "3"]
+
+
+def test_thread_settings_after_tensorflow_started_warn(caplog):
+    from charrnn_keras.config import TrainConfig
+    from charrnn_keras.train import apply_threads
+
+    tf.constant(1.0) + 1  # the pools are fixed from here on
+    wanted = tf.config.threading.get_inter_op_parallelism_threads() + 5
+    with caplog.at_level("WARNING"):
+        apply_threads(TrainConfig(inter_op_threads=wanted))
+    assert f"TF_NUM_INTEROP_THREADS={wanted}" in caplog.text
