@@ -11,13 +11,9 @@ from pathlib import Path
 
 import keras
 
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import BackupError, option
 
 logger = logging.getLogger(__name__)
-
-
-class BackupError(CharRNNError):
-    """A training backup that cannot be restored; the message names the files and what to do."""
 
 
 def _replace_atomically(write, path: Path) -> None:
@@ -103,8 +99,8 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         if failures:
             raise BackupError(
                 f"cannot resume: the backup does not load: {'; '.join(failures)}. Delete "
-                f"{self.backup_dir} to train this run again from epoch 1, or pass --overwrite "
-                f"to start a new run"
+                f"{self.backup_dir} to train this run again from epoch 1, or pass "
+                f"{option('overwrite', True)} to start a new run"
             )
         self._restored = True
         return 0

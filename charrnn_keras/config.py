@@ -15,14 +15,10 @@ from pathlib import Path
 
 import tomllib
 
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import ConfigError, option
 
 CELLS = ("lstm", "gru", "rnn")
 MATMUL_DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(CharRNNError):
-    """A config file or override that cannot be used; the message says which key and why."""
 
 
 @dataclass
@@ -240,11 +236,15 @@ def parse_override(text: str) -> tuple[str, str, object]:
         ``(section, key, value)``.
     """
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=3")
+        raise ConfigError(
+            f"{option('overrides')} {text!r}: expected section.key=value, e.g. train.epochs=3"
+        )
     dotted, value_text = text.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.epochs")
+        raise ConfigError(
+            f"{option('overrides')} {text!r}: the key must be section.key, e.g. train.epochs"
+        )
     try:
         value = tomllib.loads(f"v = {value_text.strip()}")["v"]
     except tomllib.TOMLDecodeError:

@@ -18,16 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import DataError
 from charrnn_keras.vocab import Vocab, format_chars
 
 logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin:stdlib"
-
-
-class DataError(CharRNNError):
-    """A corpus that cannot be used; the message names the file or the numbers involved."""
 
 
 @dataclass

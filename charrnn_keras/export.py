@@ -26,8 +26,8 @@ import tensorflow as tf
 from charrnn_keras import model as model_lib
 from charrnn_keras import rundir
 from charrnn_keras.draw import draw_next
+from charrnn_keras.errors import ServingError, option
 from charrnn_keras.serving import names
-from charrnn_keras.serving.names import ServingError
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +246,13 @@ def export_run(
     """
     names.check_model_name(model_name)
     if max_chars < 0:
-        raise ServingError(f"--max-chars must be 0 or more, got {max_chars}")
+        raise ServingError(f"{option('max_chars')} must be 0 or more, got {max_chars}")
     model_dir = Path(export_dir) / model_name
     if version is None:
         existing = names.list_versions(model_dir, complete_only=False)
         version = existing[-1] + 1 if existing else 1
     elif version < 0:
-        raise ServingError(f"--version must be 0 or more, got {version}")
+        raise ServingError(f"{option('version')} must be 0 or more, got {version}")
     final = model_dir / str(version)
     if final.exists():
         raise ServingError(f"{final} already exists; versions are never overwritten")

@@ -15,7 +15,7 @@ from pathlib import Path
 from charrnn_keras import data as data_lib
 from charrnn_keras import rundir as rd
 from charrnn_keras.config import Config
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import RunDirError, option
 from charrnn_keras.vocab import format_chars
 
 
@@ -42,9 +42,9 @@ def resolve_run_dir(run_dir, config_name: str, overwrite: bool) -> Path:
     info = rd.read_run_info(run_dir)
     if info.get("status") == "finished":
         if not overwrite:
-            raise CharRNNError(
-                f"{run_dir} holds a finished run; pass --overwrite to replace it, "
-                f"or choose another --run-dir"
+            raise RunDirError(
+                f"{run_dir} holds a finished run; pass {option('overwrite', True)} to replace it, "
+                f"or choose another {option('run_dir')}"
             )
         shutil.rmtree(run_dir)
     elif run_dir.exists() and overwrite:
@@ -55,7 +55,9 @@ def resolve_run_dir(run_dir, config_name: str, overwrite: bool) -> Path:
         # run.json is written first: a run killed while being set up has it, not config.toml
         and not any((run_dir / name).exists() for name in (rd.CONFIG_FILE, rd.RUN_FILE))
     ):
-        raise CharRNNError(f"{run_dir} exists and is not a run directory; choose another --run-dir")
+        raise RunDirError(
+            f"{run_dir} exists and is not a run directory; choose another {option('run_dir')}"
+        )
     return run_dir
 
 
@@ -84,10 +86,11 @@ def check_resume(run_dir: Path, cfg: Config, corpus: data_lib.Corpus) -> None:
             + (f", gone {format_chars(removed[:10])}" if removed else "")
         )
     if diffs:
-        raise CharRNNError(
+        raise RunDirError(
             f"cannot resume {run_dir}: it was started with different settings ("
             + "; ".join(diffs)
-            + "); use the same settings, another --run-dir, or --overwrite"
+            + f"); use the same settings, another {option('run_dir')}, "
+            f"or {option('overwrite', True)}"
         )
 
 

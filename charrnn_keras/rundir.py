@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from charrnn_keras.config import Config, ConfigError, load_config
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import RunDirError, option
 from charrnn_keras.vocab import VOCAB_FILE, Vocab
 
 CONFIG_FILE = "config.toml"
@@ -38,10 +38,6 @@ _TEMP = re.compile(r"\..+\.tmp(\d+)(\.weights\.h5|\.part)$")
 logger = logging.getLogger(__name__)
 
 
-class RunDirError(CharRNNError):
-    """A run directory that is missing, incomplete or damaged."""
-
-
 def read_run_info(run_dir: str | Path) -> dict:
     """Returns run.json's contents, or {} if the run has none yet."""
     path = Path(run_dir) / RUN_FILE
@@ -52,7 +48,7 @@ def read_run_info(run_dir: str | Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirError(
             f"{path} is damaged ({e}); it should be JSON written by training: restore it "
-            f"from a copy, or pass --overwrite to start the run again"
+            f"from a copy, or pass {option('overwrite', True)} to start the run again"
         ) from None
 
 
@@ -113,7 +109,7 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -
         return periodic[-1]
     raise RunDirError(
         f"{run_dir} holds no checkpoint yet; train until the first epoch ends "
-        f"(or pass --checkpoint FILE)"
+        f"(or pass {option('checkpoint')})"
     )
 
 
@@ -125,7 +121,7 @@ def load_weights(model, path: str | Path) -> None:
         detail = " ".join(str(e).split())[:200]  # Keras' messages span lines; ours is one
         raise RunDirError(
             f"checkpoint {path} cannot be loaded ({type(e).__name__}: {detail}); "
-            f"it is damaged or from another model; pick another with --checkpoint"
+            f"it is damaged or from another model; pick another with {option('checkpoint')}"
         ) from None
 
 

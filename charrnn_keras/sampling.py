@@ -21,7 +21,7 @@ import tensorflow as tf
 from charrnn_keras import rundir
 from charrnn_keras.config import ModelConfig
 from charrnn_keras.draw import draw_next, seed_pair
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import SamplingError, option
 from charrnn_keras.model import build_model, reset_states, rnn_layers, step
 from charrnn_keras.vocab import Vocab, VocabError, format_chars
 
@@ -34,10 +34,6 @@ _MAX_LISTED = 20  # unknown characters named in one error line
 # ones amortise the call (about 1 ms) over many characters.
 FIRST_CHUNK = 16
 CHUNK = 256
-
-
-class SamplingError(CharRNNError):
-    """Generation settings that cannot be used; the message shows the value received."""
 
 
 def _is_int(value) -> bool:
@@ -152,7 +148,7 @@ class Sampler:
             if unknown == "error":
                 raise VocabError(
                     f"the prime has {len(missing)} character(s) not in this run's vocabulary: "
-                    f"{listed}; remove them, or pass --unknown skip to drop them"
+                    f"{listed}; remove them, or pass {option('unknown', 'skip')} to drop them"
                 )
             prime = "".join(c for c in prime if c in self.vocab.index)
             logger.warning("dropped from the prime (not in the vocabulary): %s", listed)

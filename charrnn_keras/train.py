@@ -21,7 +21,7 @@ from charrnn_keras import rundir as rd
 from charrnn_keras.backup import RunBackup
 from charrnn_keras.callbacks import PeriodicCheckpoint, ResetStates, SampleText, TimeBudget
 from charrnn_keras.config import Config, TrainConfig
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import Interrupted, TrainingStopped
 from charrnn_keras.model import build_model, compile_model
 from charrnn_keras.resume import check_resume, history_best, resolve_run_dir, truncate_history
 from charrnn_keras.sampling import Sampler
@@ -30,12 +30,6 @@ from charrnn_keras.vocab import VOCAB_FILE, Vocab
 logger = logging.getLogger(__name__)
 
 SAMPLE_TEMPERATURE = 0.8  # a little below 1: end-of-run samples read better, still varied
-
-
-class TrainingInterrupted(CharRNNError):
-    """Ctrl-C during training; the message says how to resume."""
-
-    exit_code = 130  # what a shell reports for a process stopped by SIGINT
 
 
 @dataclass
@@ -168,7 +162,7 @@ def train(
         info["status"] = "interrupted"
         data_lib.dump_json(info, run_dir / rd.RUN_FILE)
         # The backup is written at epoch ends only, so the epoch in progress is lost.
-        raise TrainingInterrupted(
+        raise Interrupted(
             f"interrupted: {run_dir} is backed up after epoch {backup.saved_epoch} of "
             f"{cfg.train.epochs}. Run the same command again to resume from epoch "
             f"{backup.saved_epoch + 1}"
@@ -176,7 +170,7 @@ def train(
     if model.stop_training and not budget.expired:
         info["status"] = "failed"
         data_lib.dump_json(info, run_dir / rd.RUN_FILE)
-        raise CharRNNError(
+        raise TrainingStopped(
             f"training stopped: the loss became NaN. Lower train.learning_rate or "
             f"train.grad_clip and run again to resume from epoch {backup.saved_epoch + 1}, "
             f"the last finite one; {run_dir} keeps its checkpoints"

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import VocabError
 
 VOCAB_FILE = "vocab.json"
 
 
-class VocabError(CharRNNError):
-    """A vocabulary file that cannot be read, or text it cannot encode."""
+__all__ = ["VOCAB_FILE", "Vocab", "VocabError", "format_chars"]
 
 
 class Vocab:

@@ -159,7 +159,7 @@ def test_periodic_checkpoints_are_named_with_step_and_val_loss(tmp_path, tiny_te
 def test_finished_run_is_never_overwritten(tiny_run):
     from charrnn_keras.resume import resolve_run_dir
 
-    with pytest.raises(CharRNNError, match="finished run; pass --overwrite"):
+    with pytest.raises(CharRNNError, match="finished run; pass overwrite=True"):
         resolve_run_dir(tiny_run, "tiny", overwrite=False)
 
 

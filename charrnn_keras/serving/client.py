@@ -22,8 +22,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
-from charrnn_keras.serving.names import ServingError
 
 log = logging.getLogger(__name__)
 

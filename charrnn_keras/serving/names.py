@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import ServingError
 
 # Signatures (all with method name tensorflow/serving/predict).
 GENERATE = "generate"
@@ -52,10 +52,6 @@ DEFAULT_MAX_CHARS = 10_000
 MODELS_CONFIG = "models.config"
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-class ServingError(CharRNNError):
-    """An export directory, model name or version that cannot be used as asked."""
 
 
 def check_model_name(name: str) -> str:

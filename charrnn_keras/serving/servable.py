@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
 
+from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
-from charrnn_keras.serving.names import ServingError
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ class ModelManager:
             raise ServingError(f"export directory {export_dir} does not exist; run charrnn export")
         if not names.list_versions(self.model_dir):
             raise ServingError(
-                f"{self.model_dir} holds no exported version; run charrnn export "
-                f"--export-dir {export_dir} --model-name {model_name} first"
+                f"{self.model_dir} holds no exported version; export one there first "
+                f"(charrnn export)"
             )
         self._lock, self._refresh_lock = threading.Lock(), threading.Lock()
         self._current: LoadedVersion | None = None

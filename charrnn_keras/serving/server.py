@@ -19,8 +19,8 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc as model_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc as prediction_grpc
 
+from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
-from charrnn_keras.serving.names import ServingError
 from charrnn_keras.serving.servable import ModelManager, RequestError, typed_tensor_proto
 
 log = logging.getLogger(__name__)
