@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {"overrides": "--set"}
 
 
-def _flag(name: str, value: str | None) -> str:
+def flag(name: str, value: str | None) -> str:
     """Spells a library parameter named in an error message as this CLI's flag."""
     flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
     return flag if value in (None, "True") else f"{flag} {value}"
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except CharRNNError as e:
-        message = " ".join(e.render(_flag).split())  # one line, whatever the message held
+        message = " ".join(e.render(flag).split())  # one line, whatever the message held
         print(f"charrnn {args.command}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -21,8 +21,8 @@ def draw_next(logits, temperature, top_k, seed, position):
 
     Args:
         logits: float ``[batch, vocab]`` unnormalised log-probabilities.
-        temperature: float32 scalar; logits are divided by it; 0 means argmax.
-        top_k: int32 scalar; draw only among the k most likely (0 = all).
+        temperature: float32, a scalar or one per row; logits are divided by it; 0 is argmax.
+        top_k: int32, a scalar or one per row; draw only among the k most likely (0 = all).
         seed: int64 ``[2]`` stateless seed.
         position: int scalar, the index of the character being generated.
 
@@ -30,16 +30,21 @@ def draw_next(logits, temperature, top_k, seed, position):
         int32 ``[batch]`` ids.
     """
     logits = tf.cast(logits, tf.float32)
+    batch = tf.shape(logits)[0]
+    temperature = tf.broadcast_to(tf.cast(temperature, tf.float32), [batch])
+    top_k = tf.broadcast_to(tf.cast(top_k, tf.int32), [batch])
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
 
     def keep_top_k():
         k = tf.minimum(top_k, tf.shape(logits)[-1])
-        kth = tf.math.top_k(logits, k).values[:, -1:]
-        return tf.where(logits < kth, tf.constant(-float("inf"), tf.float32), logits)
+        top = tf.math.top_k(logits, tf.reduce_max(k)).values
+        kth = tf.gather(top, tf.maximum(k - 1, 0), batch_dims=1)
+        kth = tf.where(k > 0, kth, -float("inf"))  # rows with top_k = 0 keep every logit
+        return tf.where(logits < kth[:, None], tf.constant(-float("inf"), tf.float32), logits)
 
-    # A full sort per character only when top_k asks for it; top_k = 0 keeps every logit.
-    masked = tf.cond(top_k > 0, keep_top_k, lambda: logits)
-    scaled = masked / tf.maximum(temperature, 1e-6)
+    # A sort per character only when a row asks for it.
+    masked = tf.cond(tf.reduce_any(top_k > 0), keep_top_k, lambda: logits)
+    scaled = masked / tf.maximum(temperature, 1e-6)[:, None]
     key = tf.random.experimental.stateless_fold_in(
         tf.cast(seed, tf.int64), tf.cast(position, tf.int64)
     )

@@ -2,13 +2,13 @@
 
 The SavedModel has three signatures (names in ``serving.names``): ``generate`` (also
 ``serving_default``) runs a whole generation in one call, ``step`` runs one character with
-explicit state, and ``metadata`` describes the vocabulary and the model. All of them run the
-sampling model's own layers through ``model.step`` with state passed in and out, so nothing is
-kept on the server between requests: the stateful layers' state variables are never read.
+explicit state, and ``metadata`` describes the vocabulary and the model. All of them run
+``generation.Generator`` on the sampling model's layers with state passed in and out, so nothing
+is kept on the server between requests: the stateful layers' state variables are never read.
 
-Only the raw ``tf.Variable`` behind each Keras weight is tracked by the exported module. A
-``tf.Module`` holding the Keras variables themselves saves them twice, which
-``tf.saved_model.load`` tolerates but TF Serving's graph-mode loader does not.
+It is written by Keras' own ``keras.export.ExportArchive``, which saves the raw ``tf.Variable``
+behind each Keras weight once (TF Serving's graph-mode loader refuses a SavedModel that holds
+the same variable twice) and tracks the vocabulary's lookup table as an asset.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import logging
 import os
 import shutil
 import tempfile
-import types
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from charrnn_keras import model as model_lib
-from charrnn_keras import rundir
-from charrnn_keras.draw import draw_next
+from charrnn_keras import generation
 from charrnn_keras.errors import ServingError, option
 from charrnn_keras.serving import names
 
@@ -34,78 +32,33 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = "tmp-"  # not all digits, so TF Serving never takes a half-written export
 
 
-class ExportModule(tf.Module):
-    """The exported object: raw weight variables, the vocabulary table, three signatures.
+class ExportModule:
+    """What the SavedModel serves: the Generator, the vocabulary table, three signatures.
 
     Args:
         model: the 1x1 sampling model from ``build_model``, weights loaded.
         cfg: the run's Config.
         vocab: the run's Vocab.
         max_chars: the largest ``num_chars`` that ``generate`` accepts.
+        max_batch_chars: the most characters one ``generate`` request may feed and draw,
+            summed over its rows (prime bytes + num_chars per row); bounds a request's work
+            and memory whatever its batch size.
     """
 
-    def __init__(self, model, cfg, vocab, max_chars: int = names.DEFAULT_MAX_CHARS):
-        super().__init__(name="charrnn_export")
-        # The raw tf.Variables; the stateful layers' state is not among the model's weights.
-        self.weights = [w.value for w in model.weights]
-        codepoints = vocab.codepoints.astype(np.int64)
-        self.table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(codepoints), tf.range(len(vocab), dtype=tf.int64)
-            ),
-            default_value=-1,
-        )
-        fallback = "\n" if "\n" in vocab.index else vocab.most_frequent()
-        # A SimpleNamespace is not tracked by tf.Module: the Keras model's variables must not
-        # be saved a second time next to ``self.weights``.
-        self._info = types.SimpleNamespace(
-            model=model,
-            cfg=cfg,
-            codepoints=codepoints,
-            chars=list(vocab.chars),
-            fallback=fallback,
-            fallback_id=vocab.index[fallback],
-            state_names=model_lib.state_names(cfg.model),
-            max_chars=int(max_chars),
-        )
-
-    def _step(self, ids, states):
-        return model_lib.step(self._info.model, ids, states)
-
-    def _zero_states(self, batch):
-        units = self._info.cfg.model.rnn_size
-        return [tf.zeros([batch, units], tf.float32) for _ in self._info.state_names]
-
-    def _prime_ids(self, prime):
-        """Returns (ids [B, T] padded, lengths [B]); unknown chars dropped, empty -> fallback."""
-        cps = tf.strings.unicode_decode(prime, "UTF-8", errors="ignore")
-        ids = tf.ragged.map_flat_values(self.table.lookup, tf.cast(cps, tf.int64))
-        ids = tf.ragged.boolean_mask(ids, ids >= 0)
-        lengths = tf.cast(ids.row_lengths(), tf.int32)
-        # One padding column, so that the first column exists even when every prime is empty.
-        dense = tf.pad(tf.cast(ids.to_tensor(0), tf.int32), [[0, 0], [0, 1]])
-        empty = lengths == 0
-        first = tf.where(empty, self._info.fallback_id, dense[:, 0])
-        dense = tf.concat([first[:, None], dense[:, 1:]], axis=1)
-        return dense, tf.maximum(lengths, 1)
-
-    def _feed_prime(self, dense, lengths):
-        """Runs each row's prime through the step; rows past their length keep their state."""
-        batch = tf.shape(dense)[0]
-        logits0 = tf.zeros([batch, len(self._info.chars)], tf.float32)
-
-        def body(t, logits, states):
-            new_logits, new_states = self._step(dense[:, t], states)
-            active = (t < lengths)[:, None]
-            states = [tf.where(active, n, o) for n, o in zip(new_states, states, strict=True)]
-            return t + 1, tf.where(active, new_logits, logits), states
-
-        _, logits, states = tf.while_loop(
-            lambda t, *_: t < tf.reduce_max(lengths),
-            body,
-            (tf.constant(0), logits0, self._zero_states(batch)),
-        )
-        return logits, states
+    def __init__(
+        self,
+        model,
+        cfg,
+        vocab,
+        max_chars: int = names.DEFAULT_MAX_CHARS,
+        max_batch_chars: int = names.DEFAULT_MAX_BATCH_CHARS,
+    ):
+        self.gen = generation.Generator(model, vocab)
+        self.cfg, self.vocab = cfg, vocab
+        self.table = generation.prime_table(vocab)
+        self.state_names = [name for name, _ in self.gen.layout]
+        self.bounds = {"max_chars": int(max_chars), "vocab_size": len(vocab)}
+        self.max_batch_chars = int(max_batch_chars)
 
     def generate(self, prime, num_chars, temperature, top_k, seed):
         """Generates ``num_chars`` characters after each prime, in one graph call.
@@ -113,114 +66,82 @@ class ExportModule(tf.Module):
         Each row's prime (unknown characters skipped; empty means the fallback prime) is fed
         through the step, then the n-th character is drawn by ``draw_next`` at position n, as
         the local Sampler does. All rows share one seed, so a batch's rows differ from each
-        other; row 0 equals the same prime sent alone. Settings the local sampler refuses
-        (num_chars below 0 or above the cap, a negative or non-finite temperature, top_k
-        outside 0..vocabulary size) fail with InvalidArgumentError (gRPC INVALID_ARGUMENT).
+        other; row 0 equals the same prime sent alone. Settings outside ``generation.LIMITS``
+        and requests over ``max_batch_chars`` fail with InvalidArgumentError (gRPC
+        INVALID_ARGUMENT) before any work.
 
         Returns:
             ``{"text": string [batch]}``: the continuations, UTF-8.
         """
-        vocab_size = len(self._info.chars)
-        checks = [
-            tf.debugging.assert_non_negative(num_chars, message="num_chars must be 0 or more"),
-            tf.debugging.assert_less_equal(
-                num_chars,
-                tf.constant(self._info.max_chars, tf.int32),
-                message=f"num_chars must be at most {self._info.max_chars} (the export's cap)",
-            ),
-            # The local sampler's check_settings refuses these too; draw_next would otherwise
-            # treat a negative or NaN temperature as 0 and clamp top_k without saying so.
+        settings = {"num_chars": num_chars, "temperature": temperature, "top_k": top_k}
+        checks = generation.graph_checks(settings, self.bounds)
+        # Summed in int64 from the declared batch: a request of many empty rows costs too.
+        cost = tf.reduce_sum(tf.cast(tf.strings.length(prime), tf.int64)) + tf.cast(
+            tf.size(prime), tf.int64
+        ) * tf.cast(tf.maximum(num_chars, 0), tf.int64)
+        checks.append(
             tf.debugging.Assert(
-                tf.math.is_finite(temperature) & (temperature >= 0),
-                ["temperature must be a finite number, 0 or more, got", temperature],
-            ),
-            tf.debugging.Assert(
-                (top_k >= 0) & (top_k <= vocab_size),
-                [f"top_k must be from 0 (all) to the vocabulary size {vocab_size}, got", top_k],
-            ),
-        ]
+                cost <= self.max_batch_chars,
+                [f"a request may feed and draw at most {self.max_batch_chars} characters "
+                 "over all its rows (prime bytes + num_chars per row), got", cost],
+            )
+        )  # fmt: skip
         with tf.control_dependencies(checks):
-            num_chars = tf.identity(num_chars)
-        dense, lengths = self._prime_ids(prime)
-        logits, states = self._feed_prime(dense, lengths)
-        batch = tf.shape(dense)[0]
-        # Slot 0 is a dummy so that stack() works even for num_chars == 0.
-        out = tf.TensorArray(tf.int32, size=num_chars + 1, element_shape=tf.TensorShape([None]))
-        out = out.write(0, tf.zeros([batch], tf.int32))
-
-        def body(n, logits, states, out):
-            ids = draw_next(logits, temperature, top_k, seed, n)
-            logits, states = self._step(ids, states)
-            return n + 1, logits, states, out.write(n + 1, ids)
-
-        *_, out = tf.while_loop(
-            lambda n, *_: n < num_chars, body, (tf.constant(0), logits, states, out)
+            prime, num_chars = tf.identity(prime), tf.identity(num_chars)
+        text = generation.generate_graph(
+            self.gen, self.table, prime, num_chars, temperature, top_k, seed, words=False
         )
-        ids = tf.transpose(out.stack()[1:])
-        cps = tf.gather(tf.constant(self._info.codepoints.astype(np.int32)), ids)
-        return {names.TEXT: tf.strings.unicode_encode(cps, "UTF-8")}
+        return {names.TEXT: text}
 
     def step(self, inputs):
         """One character with explicit state: {char_ids, <state>...} -> {logits, <state>...}."""
-        states = [inputs[n] for n in self._info.state_names]
-        logits, new_states = self._step(inputs[names.CHAR_IDS][:, 0], states)
+        states = [inputs[n] for n in self.state_names]
+        logits, new_states = self.gen.step(inputs[names.CHAR_IDS][:, 0], states)
         out = {names.LOGITS: logits}
-        out.update(zip(self._info.state_names, new_states, strict=True))
+        out.update(zip(self.state_names, new_states, strict=True))
         return out
 
     def metadata(self):
         """The vocabulary and the model's settings, for clients."""
-        info, cfg = self._info, self._info.cfg
+        m = self.cfg.model
         return {
-            names.CHARS: tf.constant(info.chars),
-            names.CODEPOINTS: tf.constant(info.codepoints),
-            names.STATE_NAMES: tf.constant(info.state_names),
-            names.CELL: tf.constant(cfg.model.cell),
-            names.NUM_LAYERS: tf.constant(cfg.model.num_layers, tf.int32),
-            names.RNN_SIZE: tf.constant(cfg.model.rnn_size, tf.int32),
-            names.EMBEDDING_DIM: tf.constant(cfg.model.embedding_dim, tf.int32),
-            names.VOCAB_SIZE: tf.constant(len(info.chars), tf.int32),
-            names.MAX_CHARS: tf.constant(info.max_chars, tf.int32),
-            names.FALLBACK_PRIME: tf.constant(info.fallback),
-            names.CONFIG_TOML: tf.constant(cfg.to_toml()),
+            names.CHARS: tf.constant(self.vocab.chars),
+            names.CODEPOINTS: tf.constant(self.vocab.codepoints.astype(np.int64)),
+            names.STATE_NAMES: tf.constant(self.state_names),
+            names.CELL: tf.constant(m.cell),
+            names.NUM_LAYERS: tf.constant(m.num_layers, tf.int32),
+            names.RNN_SIZE: tf.constant(m.rnn_size, tf.int32),
+            names.EMBEDDING_DIM: tf.constant(m.embedding_dim, tf.int32),
+            names.VOCAB_SIZE: tf.constant(len(self.vocab), tf.int32),
+            names.MAX_CHARS: tf.constant(self.bounds["max_chars"], tf.int32),
+            names.MAX_BATCH_CHARS: tf.constant(self.max_batch_chars, tf.int64),
+            names.FALLBACK_PRIME: tf.constant(self.gen.fallback),
+            names.CONFIG_TOML: tf.constant(self.cfg.to_toml()),
         }
 
-    def signatures(self) -> dict:
-        """Returns the concrete functions to save, keyed by signature name."""
+    def archive(self) -> keras.export.ExportArchive:
+        """Returns the ExportArchive with the three signatures (``generate`` first, so it is
+        also ``serving_default``)."""
         spec = tf.TensorSpec
-        generate = tf.function(self.generate, autograph=False).get_concrete_function(
-            spec([None], tf.string, names.PRIME),
-            spec([], tf.int32, names.NUM_CHARS),
-            spec([], tf.float32, names.TEMPERATURE),
-            spec([], tf.int32, names.TOP_K),
-            spec([2], tf.int64, names.SEED),
+        archive = keras.export.ExportArchive()
+        archive.track(self.table)  # a lookup table is tracked by hand, as Keras documents
+        archive.add_endpoint(
+            names.GENERATE,
+            self.generate,
+            input_signature=[
+                spec([None], tf.string, names.PRIME),
+                spec([], tf.int32, names.NUM_CHARS),
+                spec([], tf.float32, names.TEMPERATURE),
+                spec([], tf.int32, names.TOP_K),
+                spec([2], tf.int64, names.SEED),
+            ],
         )
-        units = self._info.cfg.model.rnn_size
         step_spec = {names.CHAR_IDS: spec([None, 1], tf.int32, names.CHAR_IDS)}
-        for n in self._info.state_names:
-            step_spec[n] = spec([None, units], tf.float32, n)
-        step = tf.function(self.step, autograph=False).get_concrete_function(step_spec)
-        metadata = tf.function(self.metadata, autograph=False).get_concrete_function()
-        return {names.GENERATE: generate, names.SERVING_DEFAULT: generate,
-                names.STEP: step, names.METADATA: metadata}  # fmt: skip
-
-
-def load_sampling_model(run_dir, checkpoint=None):
-    """Builds the 1x1 sampling model of a run and loads its weights.
-
-    Args:
-        run_dir: a run directory from ``charrnn train``.
-        checkpoint: a weights file (default: the best, else the latest checkpoint).
-
-    Returns:
-        ``(model, cfg, vocab)``.
-    """
-    cfg, vocab = rundir.load_run(run_dir)
-    path = rundir.find_checkpoint(run_dir, checkpoint)
-    model = model_lib.build_model(cfg.model, len(vocab), batch_size=1, seq_length=1)
-    rundir.load_weights(model, path)
-    log.info("loaded %s", path)
-    return model, cfg, vocab
+        for name, size in self.gen.layout:
+            step_spec[name] = spec([None, size], tf.float32, name)
+        archive.add_endpoint(names.STEP, self.step, input_signature=[step_spec])
+        archive.add_endpoint(names.METADATA, self.metadata, input_signature=[])
+        return archive
 
 
 def export_run(
@@ -256,12 +177,12 @@ def export_run(
     final = model_dir / str(version)
     if final.exists():
         raise ServingError(f"{final} already exists; versions are never overwritten")
-    model, cfg, vocab = load_sampling_model(run_dir, checkpoint)
-    module = ExportModule(model, cfg, vocab, max_chars)
+    model, cfg, vocab = generation.load_sampling_model(run_dir, checkpoint)
+    archive = ExportModule(model, cfg, vocab, max_chars).archive()
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{version}-", dir=model_dir))
     try:
-        tf.saved_model.save(module, str(tmp), signatures=module.signatures())
+        archive.write_out(str(tmp), verbose=False)
         try:
             # rename() refuses a non-empty target, so a racing export's version survives.
             os.rename(tmp, final)

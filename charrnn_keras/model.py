@@ -2,8 +2,7 @@
 
 The same function builds the training model (``batch_size x seq_length``) and the 1x1 sampling
 model; both have identically named layers, so weights saved from one load into the other.
-``step`` runs a built model's own layers on explicitly passed state, which is what the export
-uses so that a server holds no per-request state.
+``generation.Generator`` runs a built model's layers on explicitly passed state.
 """
 
 from __future__ import annotations
@@ -107,39 +106,6 @@ def reset_states(model: keras.Model) -> None:
     """Zeroes the state of every recurrent layer."""
     for layer in rnn_layers(model):
         layer.reset_state()
-
-
-def state_names(cfg: ModelConfig) -> list[str]:
-    """Returns the names of the recurrent state tensors, layer by layer (``lstm_1_h``, ...)."""
-    parts = ("h", "c") if cfg.cell == "lstm" else ("h",)
-    return [f"{cfg.cell}_{i}_{p}" for i in range(1, cfg.num_layers + 1) for p in parts]
-
-
-def step(model: keras.Model, char_ids, states: list):
-    """Runs one character through the model's layers with explicit state (no stored state).
-
-    Args:
-        model: a built model from ``build_model`` (any batch size).
-        char_ids: int32 ``[batch]`` ids.
-        states: flat list of float32 ``[batch, rnn_size]`` tensors in ``state_names`` order.
-
-    Returns:
-        ``(logits [batch, vocab], new_states)``.
-    """
-    x = None
-    new_states, k = [], 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Embedding):
-            x = layer(char_ids)
-        elif isinstance(layer, keras.layers.RNN):
-            n = 2 if isinstance(layer, keras.layers.LSTM) else 1
-            x, s = layer.cell(x, states[k : k + n], training=False)
-            s = list(s) if isinstance(s, (list, tuple)) else [s]
-            new_states.extend(s)
-            k += n
-        elif isinstance(layer, keras.layers.Dense):
-            x = layer(x)
-    return x, new_states
 
 
 def bits_per_char(y_true, y_pred):

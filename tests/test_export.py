@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from reference import reference_generate
 
-from charrnn_keras import cli
+from charrnn_keras import cli, generation
 from charrnn_keras import model as model_lib
 from charrnn_keras.config import Config, ModelConfig
-from charrnn_keras.draw import draw_next, seed_pair
 from charrnn_keras.errors import CharRNNError
-from charrnn_keras.export import TMP_PREFIX, export_run, load_sampling_model
+from charrnn_keras.export import TMP_PREFIX, export_run
+from charrnn_keras.sampling import Sampler
 from charrnn_keras.serving import names
 from charrnn_keras.vocab import Vocab
 
@@ -64,23 +65,18 @@ def run_generate(fn, primes, num_chars, temperature, top_k, seed) -> list[str]:
 
 @functools.cache
 def _sampling_model(run_dir):
-    return load_sampling_model(run_dir)
+    return generation.load_sampling_model(run_dir)
 
 
 def python_generate(run_dir, prime, num_chars, temperature, top_k, seed) -> str:
-    """The reference: a Python loop over model.step and draw_next (the Sampler's semantics)."""
-    model, cfg, vocab = _sampling_model(run_dir)
-    ids = [vocab.index[c] for c in prime if c in vocab.index] or [vocab.index["\n"]]
-    states = [tf.zeros([1, cfg.model.rnn_size]) for _ in model_lib.state_names(cfg.model)]
-    for i in ids:
-        logits, states = model_lib.step(model, tf.constant([i], tf.int32), states)
-    out = []
-    for position in range(num_chars):
-        nxt = draw_next(logits, tf.constant(temperature), tf.constant(top_k), seed_pair(seed),
-                        position)  # fmt: skip
-        out.append(int(nxt[0]))
-        logits, states = model_lib.step(model, nxt, states)
-    return vocab.decode(out)
+    """The oracle (tests/reference.py): the naive loop over the stateful 1x1 model."""
+    model, _, vocab = _sampling_model(run_dir)
+    return reference_generate(model, vocab, prime, num_chars, temperature, top_k, seed)
+
+
+def python_step(model, vocab, ids, states):
+    """One explicit-state step of the run's layers, as the ``step`` signature computes it."""
+    return generation.Generator(model, vocab).step(tf.constant(ids, tf.int32), states)
 
 
 def random_run(run_dir: Path, cell: str, text: str = "the cat sat.\n") -> Path:
@@ -160,7 +156,8 @@ def test_signatures_names_dtypes_shapes(tiny_run, exported):
         assert spec(sigs[name].inputs) == generate
         assert spec(sigs[name].outputs) == {names.TEXT: (tf.string, [-1])}
     model, cfg, vocab = _sampling_model(tiny_run)
-    states = {n: (tf.float32, [-1, cfg.model.rnn_size]) for n in model_lib.state_names(cfg.model)}
+    layout = generation.state_layout(model)
+    states = {n: (tf.float32, [-1, size]) for n, size in layout}
     assert spec(sigs[names.STEP].inputs) == {names.CHAR_IDS: (tf.int32, [-1, 1]), **states}
     assert spec(sigs[names.STEP].outputs) == {names.LOGITS: (tf.float32, [-1, len(vocab)]),
                                               **states}  # fmt: skip
@@ -168,7 +165,7 @@ def test_signatures_names_dtypes_shapes(tiny_run, exported):
     assert set(sigs[names.METADATA].outputs) == {
         names.CHARS, names.CODEPOINTS, names.STATE_NAMES, names.CELL, names.NUM_LAYERS,
         names.RNN_SIZE, names.EMBEDDING_DIM, names.VOCAB_SIZE, names.MAX_CHARS,
-        names.FALLBACK_PRIME, names.CONFIG_TOML,
+        names.MAX_BATCH_CHARS, names.FALLBACK_PRIME, names.CONFIG_TOML,
     }  # fmt: skip
     # Only the weights are saved, each once: no stateful-layer state, no duplicates.
     saved_vars = [n for n, _ in tf.train.list_variables(str(exported / "variables" / "variables"))
@@ -224,9 +221,9 @@ def test_graph_mode_loading_in_fresh_process(tiny_run, exported):
     expected = [python_generate(tiny_run, *case[:1], 40, *case[1:]) for case in CASES]
     assert result["texts"]["generate"] == expected
     assert result["texts"]["serving_default"] == expected
-    states = [tf.zeros([2, cfg.model.rnn_size]) for _ in model_lib.state_names(cfg.model)]
+    states = generation.Generator(model, vocab).zero_states(2)
     for ids, got in zip(([1, 2], [3, 0]), result["logits"], strict=True):
-        logits, states = model_lib.step(model, tf.constant(ids, tf.int32), states)
+        logits, states = python_step(model, vocab, ids, states)
         np.testing.assert_array_equal(np.array(got, np.float32), logits.numpy())
 
 
@@ -238,8 +235,7 @@ def test_generate_matches_python_loop(tiny_run, loaded, case):
 
 
 def test_generate_matches_sampler(tiny_run, loaded):
-    sampling = pytest.importorskip("charrnn_keras.sampling")
-    sampler = sampling.Sampler.from_run_dir(tiny_run)
+    sampler = Sampler.from_run_dir(tiny_run)
     for prime, temperature, top_k, seed in CASES:
         expected = sampler.sample(
             sampler.prepare_prime(prime, unknown="skip"), 80,

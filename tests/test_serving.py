@@ -21,9 +21,10 @@ from tensorflow_serving.apis import (
 )
 
 from charrnn_keras import cli
-from charrnn_keras import model as model_lib
 from charrnn_keras.errors import CharRNNError
-from charrnn_keras.export import TMP_PREFIX, export_run, load_sampling_model
+from charrnn_keras.export import TMP_PREFIX, export_run
+from charrnn_keras.generation import Generator, load_sampling_model
+from charrnn_keras.sampling import Sampler
 from charrnn_keras.serving import names
 from charrnn_keras.serving.client import Client, RequestFailed
 from charrnn_keras.serving.server import start_server
@@ -99,8 +100,7 @@ def test_generate_over_grpc(address, in_process):
 
 
 def test_generate_over_grpc_matches_sampler(tiny_run, address):
-    sampling = pytest.importorskip("charrnn_keras.sampling")
-    sampler = sampling.Sampler.from_run_dir(tiny_run)
+    sampler = Sampler.from_run_dir(tiny_run)
     with Client(address, MODEL) as client:
         for prime, temperature, top_k, seed in [("the dog", 1.0, 0, 11), ("", 0.0, 0, 0)]:
             expected = sampler.sample(
@@ -114,13 +114,14 @@ def test_step_metadata_and_status(tiny_run, address):
     with Client(address, MODEL) as client:
         meta = client.metadata()
         assert meta[names.CHARS] == vocab.chars
-        assert meta[names.STATE_NAMES] == model_lib.state_names(cfg.model)
+        generator = Generator(model, vocab)
+        assert meta[names.STATE_NAMES] == [name for name, _ in generator.layout]
         assert meta[names.MAX_CHARS] == names.DEFAULT_MAX_CHARS
         assert meta[names.CELL] == cfg.model.cell and meta[names.FALLBACK_PRIME] == "\n"
-        states, ours = None, [tf.zeros([2, cfg.model.rnn_size])] * len(meta[names.STATE_NAMES])
+        states, ours = None, generator.zero_states(2)
         for ids in ([1, 2], [0, 3], [4, 4]):
             logits, states = client.step(ids, states)  # outputs fed straight back
-            expected, ours = model_lib.step(model, tf.constant(ids, tf.int32), ours)
+            expected, ours = generator.step(tf.constant(ids, tf.int32), ours)
             np.testing.assert_array_equal(logits, expected.numpy())
         assert set(states) == set(meta[names.STATE_NAMES])
         assert client.status() == {1: "AVAILABLE"}

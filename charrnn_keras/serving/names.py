@@ -29,7 +29,7 @@ SEED = "seed"
 # generate: output.
 TEXT = "text"
 
-# step: inputs char_ids plus one input per state tensor (named as model.state_names gives,
+# step: inputs char_ids plus one input per state tensor (named as generation.state_layout gives,
 # e.g. lstm_1_h, lstm_1_c); outputs logits plus the new states under the same names, so that a
 # client feeds the outputs straight back as the next inputs.
 CHAR_IDS = "char_ids"
@@ -45,10 +45,13 @@ RNN_SIZE = "rnn_size"
 EMBEDDING_DIM = "embedding_dim"
 VOCAB_SIZE = "vocab_size"
 MAX_CHARS = "max_chars"
+MAX_BATCH_CHARS = "max_batch_chars"
 FALLBACK_PRIME = "fallback_prime"
 CONFIG_TOML = "config_toml"
 
 DEFAULT_MAX_CHARS = 10_000
+# 64 rows of 10,000 characters, with room for their primes; a few MiB of state on 2 x 512.
+DEFAULT_MAX_BATCH_CHARS = 1_000_000
 MODELS_CONFIG = "models.config"
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -1,0 +1,367 @@
+"""Text generation: one explicit-state, batch-aware core under the local sampler and the export.
+
+``Generator`` runs a built sampling model's own layers (``model.step`` semantics: Embedding,
+each recurrent layer's cell, Dense) on state passed in and out, feeds primes of different
+lengths, and draws characters with per-row settings. ``sampling.Sampler`` streams from it in
+chunks; ``export.ExportModule`` runs a whole generation in one graph. The draw is
+``draw.draw_next``, keyed by ``(seed, position)``, so both write the same text by construction.
+
+The limits of the generation settings are one table, ``LIMITS``: ``check_settings`` refuses
+bad Python values with a ``SamplingError``, and ``graph_checks`` builds the same checks as graph
+asserts (INVALID_ARGUMENT over gRPC), with the same message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from charrnn_keras import rundir
+from charrnn_keras.draw import draw_next
+from charrnn_keras.errors import SamplingError, VocabError, option
+from charrnn_keras.model import build_model
+from charrnn_keras.vocab import Vocab, format_chars
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("sample", "words")
+UNKNOWN = ("error", "skip")
+INT32_MAX = 2**31 - 1
+_MAX_LISTED = 20  # unknown characters named in one error line
+_STATE_PARTS = {1: ("h",), 2: ("h", "c")}  # a cell's state tensors, as Keras orders them
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The allowed range of one generation setting.
+
+    Args:
+        name: the setting (a keyword of ``Sampler.generate`` and an input of ``generate``).
+        dtype: the dtype it becomes in the graph.
+        low: the smallest value allowed.
+        high: the largest value allowed, or the name of a bound known only at run time
+            (``max_chars``, ``vocab_size``), or None for the dtype's largest value.
+        rule: the rule as an error message states it; ``{high}`` is replaced by the bound.
+    """
+
+    name: str
+    dtype: str
+    low: float
+    high: float | str | None
+    rule: str
+
+    def bound(self, bounds: dict) -> float:
+        if isinstance(self.high, str):
+            return bounds[self.high]
+        if self.high is not None:
+            return self.high
+        info = np.finfo if "float" in self.dtype else np.iinfo
+        return info(self.dtype).max
+
+    def message(self, bounds: dict) -> str:
+        return f"{self.name} must be {self.rule.format(high=self.bound(bounds))}"
+
+
+LIMITS = (
+    Limit("num_chars", "int32", 0, "max_chars", "0 or more and at most {high}"),
+    Limit("temperature", "float32", 0.0, None, "a finite number, 0 or more (0 = most likely)"),
+    Limit("top_k", "int32", 0, "vocab_size", "from 0 (all) to the vocabulary size {high}"),
+    Limit("seed", "int64", -(2**63), None, "an integer that fits in 64 bits"),
+)
+
+
+def check_settings(settings: dict, bounds: dict) -> None:
+    """Raises SamplingError for a setting outside ``LIMITS`` (or of the wrong type).
+
+    Args:
+        settings: ``{name: value}`` for any of the settings in ``LIMITS``.
+        bounds: the run-time bounds, ``{"max_chars": ..., "vocab_size": ...}``.
+    """
+    for limit in LIMITS:
+        if limit.name not in settings:
+            continue
+        value = settings[limit.name]
+        is_float = "float" in limit.dtype
+        kind = numbers.Real if is_float else numbers.Integral
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        ok = ok and (not is_float or math.isfinite(value))
+        if not ok or not limit.low <= value <= limit.bound(bounds):
+            raise SamplingError(f"{limit.message(bounds)}, got {value!r}")
+
+
+def graph_checks(tensors: dict, bounds: dict) -> list:
+    """Returns assert ops for ``LIMITS``, with the messages of ``check_settings``.
+
+    Args:
+        tensors: ``{name: tensor}`` (scalars or one value per row).
+        bounds: the bounds, fixed when the graph is built.
+
+    Returns:
+        Ops to run before the generation (``tf.control_dependencies``).
+    """
+    checks = []
+    for limit in LIMITS:
+        value = tensors.get(limit.name)
+        if value is None or limit.dtype == "int64":  # an int64 input cannot be out of range
+            continue
+        high = tf.constant(limit.bound(bounds), value.dtype)
+        ok = (value >= tf.constant(limit.low, value.dtype)) & (value <= high)
+        if value.dtype.is_floating:
+            ok &= tf.math.is_finite(value)
+        checks.append(
+            tf.debugging.Assert(tf.reduce_all(ok), [f"{limit.message(bounds)}, got", value])
+        )
+    return checks
+
+
+def fallback_prime(vocab: Vocab) -> str:
+    """The prime of an empty request: a newline if the vocabulary has one, else its most
+    frequent character."""
+    return "\n" if "\n" in vocab.index else vocab.most_frequent()
+
+
+def state_layout(model: keras.Model) -> list[tuple[str, int]]:
+    """Returns ``(name, size)`` of each recurrent state tensor, bottom layer first.
+
+    Read from the layers (``layer.cell.state_size``), so any cell Keras has works; names are
+    the layer's name and ``h`` / ``c`` (e.g. ``lstm_1_h``, ``lstm_1_c``, ``gru_2_h``).
+    """
+    layout = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.RNN):
+            sizes = _state_sizes(layer)
+            layout += [
+                (f"{layer.name}_{p}", s)
+                for p, s in zip(_STATE_PARTS[len(sizes)], sizes, strict=True)
+            ]
+    return layout
+
+
+def _state_sizes(layer) -> list[int]:
+    sizes = layer.cell.state_size
+    return [int(s) for s in sizes] if isinstance(sizes, (list, tuple)) else [int(sizes)]
+
+
+def load_sampling_model(run_dir, checkpoint=None) -> tuple[keras.Model, object, Vocab]:
+    """Builds a run's 1x1 sampling model and loads its weights.
+
+    Args:
+        run_dir: a directory written by ``charrnn train``.
+        checkpoint: a weights file or a name in the run's checkpoints/ (default: the best,
+            else the latest).
+
+    Returns:
+        ``(model, config, vocab)``.
+    """
+    cfg, vocab = rundir.load_run(run_dir)
+    path = rundir.find_checkpoint(run_dir, checkpoint)
+    model = build_model(cfg.model, len(vocab), batch_size=1, seq_length=1, name="sampler")
+    rundir.load_weights(model, path)
+    logger.debug("generating with %s", path)
+    return model, cfg, vocab
+
+
+class Generator:
+    """Generation with explicit state over a built sampling model's layers.
+
+    Nothing here reads or writes the stateful layers' own state, so the same object serves the
+    stateful local sampler (which stores the state between calls) and the stateless export.
+
+    Args:
+        model: a model from ``build_model`` (any batch size), weights loaded.
+        vocab: its vocabulary.
+    """
+
+    def __init__(self, model: keras.Model, vocab: Vocab):
+        self.model, self.vocab = model, vocab
+        self.layout = state_layout(model)
+        self.space_id = vocab.index.get(" ", -1)
+        self.fallback = fallback_prime(vocab)
+
+    # -- Python side: what a request means -----------------------------------------------------
+
+    def prepare_prime(self, prime: str, unknown: str = "error") -> str:
+        """Returns the prime that will actually be fed to the model.
+
+        Args:
+            prime: the text to start from.
+            unknown: what to do with characters missing from the vocabulary: ``error`` raises
+                a VocabError naming them, ``skip`` drops them (as the export does).
+
+        Returns:
+            The prime without unknown characters; an empty prime becomes ``fallback``.
+        """
+        if unknown not in UNKNOWN:
+            raise SamplingError(f"unknown must be one of {', '.join(UNKNOWN)}, got {unknown!r}")
+        if not isinstance(prime, str):
+            raise SamplingError(f"prime must be a str, got {type(prime).__name__} {prime!r:.60}")
+        missing = self.vocab.unknown(prime)
+        if missing:
+            listed = format_chars(missing[:_MAX_LISTED])
+            if len(missing) > _MAX_LISTED:
+                listed += f" and {len(missing) - _MAX_LISTED} more"
+            if unknown == "error":
+                raise VocabError(
+                    f"the prime has {len(missing)} character(s) not in this run's vocabulary: "
+                    f"{listed}; remove them, or pass {option('unknown', 'skip')} to drop them"
+                )
+            prime = "".join(c for c in prime if c in self.vocab.index)
+            logger.warning("dropped from the prime (not in the vocabulary): %s", listed)
+        return prime or self.fallback
+
+    def check(self, strategy: str = "sample", max_chars: int = INT32_MAX, **settings) -> None:
+        """Raises SamplingError for settings no generation can use (see ``LIMITS``)."""
+        check_settings(settings, {"max_chars": max_chars, "vocab_size": len(self.vocab)})
+        if strategy not in STRATEGIES:
+            raise SamplingError(
+                f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}"
+            )
+        if strategy == "words" and self.space_id < 0 and settings.get("temperature", 1) > 0:
+            logger.warning("the vocabulary has no space, so strategy 'words' is always argmax")
+
+    # -- graph side: the computation -----------------------------------------------------------
+
+    def zero_states(self, batch) -> list:
+        return [tf.zeros([batch, size], tf.float32) for _, size in self.layout]
+
+    def step(self, char_ids, states: list):
+        """Runs one character per row through the layers (dropout off).
+
+        Args:
+            char_ids: int32 ``[batch]`` ids.
+            states: float32 ``[batch, size]`` tensors in ``layout`` order.
+
+        Returns:
+            ``(logits [batch, vocab], new_states)``.
+        """
+        x, new_states, k = None, [], 0
+        for layer in self.model.layers:
+            if isinstance(layer, keras.layers.Embedding):
+                x = layer(char_ids)
+            elif isinstance(layer, keras.layers.RNN):
+                n = len(_state_sizes(layer))
+                x, s = layer.cell(x, states[k : k + n], training=False)
+                new_states += list(s) if isinstance(s, (list, tuple)) else [s]
+                k += n
+            elif isinstance(layer, keras.layers.Dense):
+                x = layer(x)
+        return x, new_states
+
+    def feed(self, ids, lengths, states: list) -> list:
+        """Advances each row's state over the first ``lengths[b]`` ids of its row.
+
+        Args:
+            ids: int32 ``[batch, time]`` ids, padded.
+            lengths: int32 ``[batch]``; rows past their length keep their state.
+            states: the state to start from.
+
+        Returns:
+            The new states.
+        """
+
+        def body(t, states):
+            _, new = self.step(ids[:, t], states)
+            active = (t < lengths)[:, None]
+            return t + 1, [tf.where(active, n, o) for n, o in zip(new, states, strict=True)]
+
+        _, states = tf.while_loop(
+            lambda t, _: t < tf.reduce_max(lengths), body, (tf.constant(0), states)
+        )
+        return states
+
+    def draw(self, prev, states: list, count, temperature, top_k, seed, start, words):
+        """Feeds ``prev``, draws the next character, feeds it, and so on ``count`` times.
+
+        Args:
+            prev: int32 ``[batch]``: the last character fed (the prime's last one at first).
+            states: the state before ``prev`` is fed.
+            count: int32 scalar, characters to draw.
+            temperature: float32 ``[batch]``; 0 is argmax.
+            top_k: int32 ``[batch]``; 0 is all characters.
+            seed: int64 ``[2]``, the stateless seed.
+            start: int64 scalar, the position of the first draw (draws are keyed by position).
+            words: bool ``[batch]``: inside a word (after anything but a space) take the most
+                likely character; draw only after a space.
+
+        Returns:
+            ``(ids [batch, count], last id [batch], states)``.
+        """
+        batch = tf.shape(prev)[0]
+        # Slot 0 is a dummy so that stack() works for count == 0.
+        out = tf.TensorArray(tf.int32, size=count + 1, element_shape=tf.TensorShape([None]))
+        out = out.write(0, tf.zeros([batch], tf.int32))
+
+        def body(i, prev, states, out):
+            logits, states = self.step(prev, states)
+            temp = tf.where(words & (prev != self.space_id), 0.0, temperature)
+            drawn = draw_next(logits, temp, top_k, seed, start + tf.cast(i, tf.int64))
+            return i + 1, drawn, states, out.write(i + 1, drawn)
+
+        _, prev, states, out = tf.while_loop(
+            lambda i, *_: i < count, body, (tf.constant(0), prev, states, out)
+        )
+        return tf.transpose(out.stack()[1:]), prev, states
+
+
+def prime_table(vocab: Vocab) -> tf.lookup.StaticHashTable:
+    """A code point -> id table; unknown code points map to -1."""
+    return tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(vocab.codepoints.astype(np.int64)), tf.range(len(vocab), dtype=tf.int64)
+        ),
+        default_value=-1,
+    )
+
+
+def encode_primes(table, primes, fallback_id: int):
+    """Encodes UTF-8 primes in the graph, as ``prepare_prime(unknown="skip")`` does.
+
+    Returns:
+        ``(ids [batch, time] int32 padded, lengths [batch] int32)``; every length is at least 1.
+    """
+    cps = tf.strings.unicode_decode(primes, "UTF-8", errors="ignore")
+    ids = tf.ragged.map_flat_values(table.lookup, tf.cast(cps, tf.int64))
+    ids = tf.ragged.boolean_mask(ids, ids >= 0)
+    lengths = tf.cast(ids.row_lengths(), tf.int32)
+    # One padding column, so that the first column exists even when every prime is empty.
+    dense = tf.pad(tf.cast(ids.to_tensor(0), tf.int32), [[0, 0], [0, 1]])
+    first = tf.where(lengths == 0, fallback_id, dense[:, 0])
+    return tf.concat([first[:, None], dense[:, 1:]], axis=1), tf.maximum(lengths, 1)
+
+
+def decode_ids(vocab: Vocab, ids):
+    """Returns UTF-8 strings ``[batch]`` for id rows ``[batch, n]``."""
+    cps = tf.gather(tf.constant(vocab.codepoints.astype(np.int32)), ids)
+    return tf.strings.unicode_encode(cps, "UTF-8")
+
+
+def generate_graph(gen: Generator, table, primes, num_chars, temperature, top_k, seed, words):
+    """A whole generation for a batch of primes, in one graph (what the export serves).
+
+    Args:
+        gen: the Generator.
+        table: from ``prime_table(gen.vocab)``.
+        primes: string ``[batch]``.
+        num_chars: int32 scalar.
+        temperature: float32 scalar or ``[batch]``.
+        top_k: int32 scalar or ``[batch]``.
+        seed: int64 ``[2]``.
+        words: bool scalar or ``[batch]``.
+
+    Returns:
+        string ``[batch]``: the continuations.
+    """
+    ids, lengths = encode_primes(table, primes, gen.vocab.index[gen.fallback])
+    batch = tf.shape(ids)[0]
+    states = gen.feed(ids, lengths - 1, gen.zero_states(batch))
+    prev = tf.gather(ids, lengths - 1, batch_dims=1)
+    rows = lambda v: tf.broadcast_to(v, [batch])  # noqa: E731
+    out, _, _ = gen.draw(prev, states, num_chars, rows(temperature), rows(top_k), seed,
+                         tf.constant(0, tf.int64), rows(words))  # fmt: skip
+    return decode_ids(gen.vocab, out)
