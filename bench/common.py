@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -24,7 +23,7 @@ RESULTS = BENCH / "results"
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 VOCAB_SIZE = 65  # tinyshakespeare's symbols
 
-# The two reference notebooks' shapes (see /work/shared/seeds/README.md). Seed 001 one-hot
+# The two reference notebooks' shapes (see ../shared/seeds/README.md). Seed 001 one-hot
 # encodes its input; we use an embedding of the LSTM's width instead (our model always embeds),
 # which is the more expensive choice: layer 1's kernel is [512, 2048] instead of [83, 2048].
 CONFIGS = {
@@ -101,38 +100,22 @@ def set_tf_threads(intra: int, inter: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(inter)
 
 
-@contextmanager
-def lstm_class(matmul_dtype: str | None, chains: int = 1, time_chunks: int = 1):
-    """Within the block, ``model.build_model`` builds the LSTM the benchmark asks for.
-
-    Overrides the config's ``model.fast_lstm``, ``matmul_dtype``, ``chains`` and
-    ``time_chunks``, so the benchmark decides which implementation it measures.
+def lstm_settings(impl: str, chains: int = 1, time_chunks: int = 1) -> dict:
+    """Returns the ``[model]`` keys that select the LSTM a benchmark measures.
 
     Args:
-        matmul_dtype: FastLSTM's ``matmul_dtype``, or None for ``keras.layers.LSTM``.
+        impl: a key of ``IMPLS``.
         chains: FastLSTM's ``chains``.
         time_chunks: FastLSTM's ``time_chunks``.
+
+    Returns:
+        ``fast_lstm``, ``matmul_dtype``, ``chains`` and ``time_chunks``, as ModelConfig takes them.
     """
-    import keras
-
-    from charrnn_keras import model as model_lib
-    from charrnn_keras.fast_lstm import FastLSTM
-
-    def make(units, **kwargs):
-        for key in ("matmul_dtype", "chains", "time_chunks"):
-            kwargs.pop(key, None)
-        if matmul_dtype is None:
-            return keras.layers.LSTM(units, **kwargs)
-        return FastLSTM(
-            units, matmul_dtype=matmul_dtype, chains=chains, time_chunks=time_chunks, **kwargs
-        )
-
-    saved = dict(model_lib._LAYERS)
-    model_lib._LAYERS.update(lstm=make, fast_lstm=make)
-    try:
-        yield
-    finally:
-        model_lib._LAYERS.update(saved)
+    matmul_dtype = IMPLS[impl]
+    if matmul_dtype is None:
+        return {"fast_lstm": False, "matmul_dtype": "float32", "chains": 1, "time_chunks": 1}
+    return {"fast_lstm": True, "matmul_dtype": matmul_dtype, "chains": chains,
+            "time_chunks": time_chunks}  # fmt: skip
 
 
 def parse_tf_threads(spec: str) -> tuple[int, int, int, int]:

@@ -19,6 +19,7 @@ split is scored from a zero state (nats/char; bits = nats / ln 2). Results go to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -94,8 +95,10 @@ def keras_worker(args, cfg) -> dict:
     train_ds, steps = data_lib.make_dataset(train_ids, d.batch_size, d.seq_length)
     val_ds, _ = data_lib.make_dataset(val_ids, d.batch_size, d.seq_length)
     keras.utils.set_random_seed(t.seed)
-    with common.lstm_class(common.IMPLS[args.impl], chains, time_chunks):
-        model = build_model(cfg.model, vocab, d.batch_size, d.seq_length)
+    model_cfg = dataclasses.replace(
+        cfg.model, **common.lstm_settings(args.impl, chains, time_chunks)
+    )
+    model = build_model(model_cfg, vocab, d.batch_size, d.seq_length)
     compile_model(model, t)
 
     @tf.function

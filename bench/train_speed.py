@@ -53,9 +53,9 @@ def tf_worker(args) -> dict:
         embedding_dim=shape["embedding_dim"],
         rnn_size=shape["rnn_size"],
         num_layers=shape["num_layers"],
+        **common.lstm_settings(args.impl, chains, time_chunks),
     )
-    with common.lstm_class(common.IMPLS[args.impl], chains, time_chunks):
-        model = build_model(cfg, vocab, shape["batch_size"], shape["seq_length"])
+    model = build_model(cfg, vocab, shape["batch_size"], shape["seq_length"])
     compile_model(model, TrainConfig())
 
     marks = []

@@ -14,6 +14,8 @@ import sys
 import threading
 
 from charrnn_keras.errors import CharRNNError
+from charrnn_keras.limits import STRATEGIES, UNKNOWN
+from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
 
 
 def _quiet_tensorflow() -> None:
@@ -177,14 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p, seed_default=0)
     p.add_argument(
         "--strategy",
-        choices=["sample", "words"],
+        choices=STRATEGIES,
         default="sample",
         help="sample: draw every character; words: draw at the start of a word, "
         "then the most likely character inside it",
     )
     p.add_argument(
         "--unknown",
-        choices=["error", "skip"],
+        choices=UNKNOWN,
         default="error",
         help="prime characters missing from the vocabulary: error (default) or skip them",
     )
@@ -196,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default="export", help="TF Serving base path")
     p.add_argument("--model-name", default="charrnn", help="model name (a folder in export-dir)")
     p.add_argument("--version", type=int, help="version number (default: next free)")
-    p.add_argument("--max-chars", type=int, default=10_000, help="cap on num_chars per request")
+    p.add_argument(
+        "--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="cap on num_chars per request"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")

@@ -6,17 +6,14 @@ lengths, and draws characters with per-row settings. ``sampling.Sampler`` stream
 chunks; ``export.ExportModule`` runs a whole generation in one graph. The draw is
 ``draw.draw_next``, keyed by ``(seed, position)``, so both write the same text by construction.
 
-The limits of the generation settings are one table, ``LIMITS``: ``check_settings`` refuses
-bad Python values with a ``SamplingError``, and ``graph_checks`` builds the same checks as graph
-asserts (INVALID_ARGUMENT over gRPC), with the same message.
+The settings' limits are one table, ``limits.LIMITS``: ``limits.check_settings`` refuses bad
+Python values, and ``graph_checks`` here builds the same checks as graph asserts
+(INVALID_ARGUMENT over gRPC) with the same messages.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
-from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -25,78 +22,18 @@ import tensorflow as tf
 from charrnn_keras import rundir
 from charrnn_keras.draw import draw_next
 from charrnn_keras.errors import SamplingError, VocabError, option
+from charrnn_keras.limits import INT32_MAX, LIMITS, STRATEGIES, UNKNOWN, check_settings
 from charrnn_keras.model import build_model
 from charrnn_keras.vocab import Vocab, format_chars
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("sample", "words")
-UNKNOWN = ("error", "skip")
-INT32_MAX = 2**31 - 1
 _MAX_LISTED = 20  # unknown characters named in one error line
 _STATE_PARTS = {1: ("h",), 2: ("h", "c")}  # a cell's state tensors, as Keras orders them
 
 
-@dataclass(frozen=True)
-class Limit:
-    """The allowed range of one generation setting.
-
-    Args:
-        name: the setting (a keyword of ``Sampler.generate`` and an input of ``generate``).
-        dtype: the dtype it becomes in the graph.
-        low: the smallest value allowed.
-        high: the largest value allowed, or the name of a bound known only at run time
-            (``max_chars``, ``vocab_size``), or None for the dtype's largest value.
-        rule: the rule as an error message states it; ``{high}`` is replaced by the bound.
-    """
-
-    name: str
-    dtype: str
-    low: float
-    high: float | str | None
-    rule: str
-
-    def bound(self, bounds: dict) -> float:
-        if isinstance(self.high, str):
-            return bounds[self.high]
-        if self.high is not None:
-            return self.high
-        info = np.finfo if "float" in self.dtype else np.iinfo
-        return info(self.dtype).max
-
-    def message(self, bounds: dict) -> str:
-        return f"{self.name} must be {self.rule.format(high=self.bound(bounds))}"
-
-
-LIMITS = (
-    Limit("num_chars", "int32", 0, "max_chars", "0 or more and at most {high}"),
-    Limit("temperature", "float32", 0.0, None, "a finite number, 0 or more (0 = most likely)"),
-    Limit("top_k", "int32", 0, "vocab_size", "from 0 (all) to the vocabulary size {high}"),
-    Limit("seed", "int64", -(2**63), None, "an integer that fits in 64 bits"),
-)
-
-
-def check_settings(settings: dict, bounds: dict) -> None:
-    """Raises SamplingError for a setting outside ``LIMITS`` (or of the wrong type).
-
-    Args:
-        settings: ``{name: value}`` for any of the settings in ``LIMITS``.
-        bounds: the run-time bounds, ``{"max_chars": ..., "vocab_size": ...}``.
-    """
-    for limit in LIMITS:
-        if limit.name not in settings:
-            continue
-        value = settings[limit.name]
-        is_float = "float" in limit.dtype
-        kind = numbers.Real if is_float else numbers.Integral
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-        ok = ok and (not is_float or math.isfinite(value))
-        if not ok or not limit.low <= value <= limit.bound(bounds):
-            raise SamplingError(f"{limit.message(bounds)}, got {value!r}")
-
-
 def graph_checks(tensors: dict, bounds: dict) -> list:
-    """Returns assert ops for ``LIMITS``, with the messages of ``check_settings``.
+    """Returns assert ops for ``limits.LIMITS``, with the messages of ``check_settings``.
 
     Args:
         tensors: ``{name: tensor}`` (scalars or one value per row).
