@@ -41,8 +41,9 @@ class ExportModule:
         vocab: the run's Vocab.
         max_chars: the largest ``num_chars`` that ``generate`` accepts.
         max_batch_chars: the most characters one ``generate`` request may feed and draw,
-            summed over its rows (prime bytes + num_chars per row); bounds a request's work
-            and memory whatever its batch size.
+            summed over its rows (prime bytes, at least 1, + num_chars per row): its work.
+        max_rows: the most primes one ``generate`` request may hold: its memory, since each
+            row carries its own recurrent state and gate activations.
     """
 
     def __init__(
@@ -52,13 +53,14 @@ class ExportModule:
         vocab,
         max_chars: int = names.DEFAULT_MAX_CHARS,
         max_batch_chars: int = names.DEFAULT_MAX_BATCH_CHARS,
+        max_rows: int = names.DEFAULT_MAX_ROWS,
     ):
         self.gen = generation.Generator(model, vocab)
         self.cfg, self.vocab = cfg, vocab
         self.table = generation.prime_table(vocab)
         self.state_names = [name for name, _ in self.gen.layout]
         self.bounds = {"max_chars": int(max_chars), "vocab_size": len(vocab)}
-        self.max_batch_chars = int(max_batch_chars)
+        self.max_batch_chars, self.max_rows = int(max_batch_chars), int(max_rows)
 
     def generate(self, prime, num_chars, temperature, top_k, seed):
         """Generates ``num_chars`` characters after each prime, in one graph call.
@@ -66,26 +68,30 @@ class ExportModule:
         Each row's prime (unknown characters skipped; empty means the fallback prime) is fed
         through the step, then the n-th character is drawn by ``draw_next`` at position n, as
         the local Sampler does. All rows share one seed, so a batch's rows differ from each
-        other; row 0 equals the same prime sent alone. Settings outside ``generation.LIMITS``
-        and requests over ``max_batch_chars`` fail with InvalidArgumentError (gRPC
-        INVALID_ARGUMENT) before any work.
+        other; row 0 equals the same prime sent alone. Settings outside ``limits.LIMITS``
+        and requests over ``max_rows`` or ``max_batch_chars`` fail with InvalidArgumentError
+        (gRPC INVALID_ARGUMENT) before any work.
 
         Returns:
             ``{"text": string [batch]}``: the continuations, UTF-8.
         """
         settings = {"num_chars": num_chars, "temperature": temperature, "top_k": top_k}
         checks = generation.graph_checks(settings, self.bounds)
-        # Summed in int64 from the declared batch: a request of many empty rows costs too.
-        cost = tf.reduce_sum(tf.cast(tf.strings.length(prime), tf.int64)) + tf.cast(
-            tf.size(prime), tf.int64
-        ) * tf.cast(tf.maximum(num_chars, 0), tf.int64)
-        checks.append(
+        rows = tf.size(prime, out_type=tf.int64)
+        # An empty prime still feeds the fallback character; int64, so nothing wraps.
+        fed = tf.reduce_sum(tf.maximum(tf.cast(tf.strings.length(prime), tf.int64), 1))
+        cost = fed + rows * tf.cast(tf.maximum(num_chars, 0), tf.int64)
+        checks += [
+            tf.debugging.Assert(
+                rows <= self.max_rows,
+                [f"a request may hold at most {self.max_rows} primes, got", rows],
+            ),
             tf.debugging.Assert(
                 cost <= self.max_batch_chars,
                 [f"a request may feed and draw at most {self.max_batch_chars} characters "
                  "over all its rows (prime bytes + num_chars per row), got", cost],
-            )
-        )  # fmt: skip
+            ),
+        ]  # fmt: skip
         with tf.control_dependencies(checks):
             prime, num_chars = tf.identity(prime), tf.identity(num_chars)
         text = generation.generate_graph(
@@ -115,6 +121,7 @@ class ExportModule:
             names.VOCAB_SIZE: tf.constant(len(self.vocab), tf.int32),
             names.MAX_CHARS: tf.constant(self.bounds["max_chars"], tf.int32),
             names.MAX_BATCH_CHARS: tf.constant(self.max_batch_chars, tf.int64),
+            names.MAX_ROWS: tf.constant(self.max_rows, tf.int32),
             names.FALLBACK_PRIME: tf.constant(self.gen.fallback),
             names.CONFIG_TOML: tf.constant(self.cfg.to_toml()),
         }

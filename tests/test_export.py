@@ -165,7 +165,7 @@ def test_signatures_names_dtypes_shapes(tiny_run, exported):
     assert set(sigs[names.METADATA].outputs) == {
         names.CHARS, names.CODEPOINTS, names.STATE_NAMES, names.CELL, names.NUM_LAYERS,
         names.RNN_SIZE, names.EMBEDDING_DIM, names.VOCAB_SIZE, names.MAX_CHARS,
-        names.MAX_BATCH_CHARS, names.FALLBACK_PRIME, names.CONFIG_TOML,
+        names.MAX_BATCH_CHARS, names.MAX_ROWS, names.FALLBACK_PRIME, names.CONFIG_TOML,
     }  # fmt: skip
     # Only the weights are saved, each once: no stateful-layer state, no duplicates.
     saved_vars = [n for n, _ in tf.train.list_variables(str(exported / "variables" / "variables"))

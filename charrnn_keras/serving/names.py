@@ -46,12 +46,15 @@ EMBEDDING_DIM = "embedding_dim"
 VOCAB_SIZE = "vocab_size"
 MAX_CHARS = "max_chars"
 MAX_BATCH_CHARS = "max_batch_chars"
+MAX_ROWS = "max_rows"
 FALLBACK_PRIME = "fallback_prime"
 CONFIG_TOML = "config_toml"
 
 DEFAULT_MAX_CHARS = 10_000
-# 64 rows of 10,000 characters, with room for their primes; a few MiB of state on 2 x 512.
+# 64 rows of 10,000 characters fit, with room for their primes. 1,024 rows of a 2 x 512 model
+# hold about 25 MiB of state and gate activations.
 DEFAULT_MAX_BATCH_CHARS = 1_000_000
+DEFAULT_MAX_ROWS = 1024
 MODELS_CONFIG = "models.config"
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
