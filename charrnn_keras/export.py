@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from charrnn_keras import generation
 from charrnn_keras.errors import ServingError, option
+from charrnn_keras.limits import STRATEGIES
 from charrnn_keras.serving import names
 
 log = logging.getLogger(__name__)
@@ -62,26 +63,42 @@ class ExportModule:
         self.bounds = {"max_chars": int(max_chars), "vocab_size": len(vocab)}
         self.max_batch_chars, self.max_rows = int(max_batch_chars), int(max_rows)
 
-    def generate(self, prime, num_chars, temperature, top_k, seed):
-        """Generates ``num_chars`` characters after each prime, in one graph call.
+    def generate(self, prime, num_chars, temperature, top_k, top_p, seed, strategy):
+        """Generates text after each prime, in one graph call; every input has one row per
+        prime, so TF Serving's request batching can merge requests.
 
-        Each row's prime (unknown characters skipped; empty means the fallback prime) is fed
-        through the step, then the n-th character is drawn by ``draw_next`` at position n, as
-        the local Sampler does. All rows share one seed, so a batch's rows differ from each
-        other; row 0 equals the same prime sent alone. Settings outside ``limits.LIMITS``
-        and requests over ``max_rows`` or ``max_batch_chars`` fail with InvalidArgumentError
-        (gRPC INVALID_ARGUMENT) before any work.
+        Row b is exactly what the same row sent alone returns, and with seed ``[S, 0]`` what
+        ``charrnn sample --seed S`` prints after the prime: its prime (unknown characters
+        skipped; empty means the fallback prime) is fed, then its ``num_chars[b]`` characters
+        are drawn by ``draw_next`` at positions 0, 1, ... with its own settings and seed.
+        Settings outside ``limits.LIMITS``, rows of different lengths, and requests over
+        ``max_rows`` or ``max_batch_chars`` fail with InvalidArgumentError (gRPC
+        INVALID_ARGUMENT) before any work.
 
         Returns:
             ``{"text": string [batch]}``: the continuations, UTF-8.
         """
-        settings = {"num_chars": num_chars, "temperature": temperature, "top_k": top_k}
+        settings = {"num_chars": num_chars, "temperature": temperature, "top_k": top_k,
+                    "top_p": top_p}  # fmt: skip
         checks = generation.graph_checks(settings, self.bounds)
         rows = tf.size(prime, out_type=tf.int64)
-        # An empty prime still feeds the fallback character; int64, so nothing wraps.
-        fed = tf.reduce_sum(tf.maximum(tf.cast(tf.strings.length(prime), tf.int64), 1))
-        cost = fed + rows * tf.cast(tf.maximum(num_chars, 0), tf.int64)
+        sizes = [tf.shape(t, out_type=tf.int64)[0] for t in (*settings.values(), seed, strategy)]
+        # The work is rows x (longest prime + longest row), as the loops run to the longest;
+        # an empty prime still feeds the fallback character. int64, so nothing wraps.
+        longest = tf.reduce_max(tf.concat([tf.cast(tf.strings.length(prime), tf.int64), [1]], 0))
+        most = tf.reduce_max(tf.concat([tf.cast(num_chars, tf.int64), [0]], 0))
+        cost = rows * (longest + most)
+        choices = tf.constant(STRATEGIES)
         checks += [
+            tf.debugging.Assert(
+                tf.reduce_all(tf.stack(sizes) == rows),
+                ["every input must have one row per prime; rows per input (num_chars, "
+                 "temperature, top_k, top_p, seed, strategy) and primes:", tf.stack(sizes), rows],
+            ),
+            tf.debugging.Assert(
+                tf.reduce_all(tf.reduce_any(strategy[:, None] == choices[None, :], axis=1)),
+                [f"strategy must be one of {', '.join(STRATEGIES)}, got", strategy],
+            ),
             tf.debugging.Assert(
                 rows <= self.max_rows,
                 [f"a request may hold at most {self.max_rows} primes, got", rows],
@@ -89,14 +106,13 @@ class ExportModule:
             tf.debugging.Assert(
                 cost <= self.max_batch_chars,
                 [f"a request may feed and draw at most {self.max_batch_chars} characters "
-                 "over all its rows (prime bytes + num_chars per row), got", cost],
+                 "(primes x (longest prime in bytes + largest num_chars)), got", cost],
             ),
         ]  # fmt: skip
         with tf.control_dependencies(checks):
             prime, num_chars = tf.identity(prime), tf.identity(num_chars)
-        text = generation.generate_graph(
-            self.gen, self.table, prime, num_chars, temperature, top_k, seed, words=False
-        )
+        draw = generation.Draw(temperature, top_k, top_p, seed, words=strategy == "words")
+        text = generation.generate_graph(self.gen, self.table, prime, num_chars, draw)
         return {names.TEXT: text}
 
     def step(self, inputs):
@@ -122,6 +138,7 @@ class ExportModule:
             names.MAX_CHARS: tf.constant(self.bounds["max_chars"], tf.int32),
             names.MAX_BATCH_CHARS: tf.constant(self.max_batch_chars, tf.int64),
             names.MAX_ROWS: tf.constant(self.max_rows, tf.int32),
+            names.SIGNATURE_VERSION: tf.constant(names.GENERATE_VERSION, tf.int32),
             names.FALLBACK_PRIME: tf.constant(self.gen.fallback),
             names.CONFIG_TOML: tf.constant(self.cfg.to_toml()),
         }
@@ -137,10 +154,12 @@ class ExportModule:
             self.generate,
             input_signature=[
                 spec([None], tf.string, names.PRIME),
-                spec([], tf.int32, names.NUM_CHARS),
-                spec([], tf.float32, names.TEMPERATURE),
-                spec([], tf.int32, names.TOP_K),
-                spec([2], tf.int64, names.SEED),
+                spec([None], tf.int32, names.NUM_CHARS),
+                spec([None], tf.float32, names.TEMPERATURE),
+                spec([None], tf.int32, names.TOP_K),
+                spec([None], tf.float32, names.TOP_P),
+                spec([None, 2], tf.int64, names.SEED),
+                spec([None], tf.string, names.STRATEGY),
             ],
         )
         step_spec = {names.CHAR_IDS: spec([None, 1], tf.int32, names.CHAR_IDS)}

@@ -14,6 +14,7 @@ Python values, and ``graph_checks`` here builds the same checks as graph asserts
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -212,19 +213,15 @@ class Generator:
         )
         return states
 
-    def draw(self, prev, states: list, count, temperature, top_k, seed, start, words):
+    def draw(self, prev, states: list, count, settings: Draw, start):
         """Feeds ``prev``, draws the next character, feeds it, and so on ``count`` times.
 
         Args:
             prev: int32 ``[batch]``: the last character fed (the prime's last one at first).
             states: the state before ``prev`` is fed.
             count: int32 scalar, characters to draw.
-            temperature: float32 ``[batch]``; 0 is argmax.
-            top_k: int32 ``[batch]``; 0 is all characters.
-            seed: int64 ``[2]``, the stateless seed.
+            settings: the rows' draw settings.
             start: int64 scalar, the position of the first draw (draws are keyed by position).
-            words: bool ``[batch]``: inside a word (after anything but a space) take the most
-                likely character; draw only after a space.
 
         Returns:
             ``(ids [batch, count], last id [batch], states)``.
@@ -233,17 +230,39 @@ class Generator:
         # Slot 0 is a dummy so that stack() works for count == 0.
         out = tf.TensorArray(tf.int32, size=count + 1, element_shape=tf.TensorShape([None]))
         out = out.write(0, tf.zeros([batch], tf.int32))
+        t, words = settings.temperature, settings.words
 
         def body(i, prev, states, out):
             logits, states = self.step(prev, states)
-            temp = tf.where(words & (prev != self.space_id), 0.0, temperature)
-            drawn = draw_next(logits, temp, top_k, seed, start + tf.cast(i, tf.int64))
+            temperature = tf.where(words & (prev != self.space_id), 0.0, t)
+            drawn = draw_next(logits, temperature, settings.top_k, settings.seed,
+                              start + tf.cast(i, tf.int64), settings.top_p)  # fmt: skip
             return i + 1, drawn, states, out.write(i + 1, drawn)
 
         _, prev, states, out = tf.while_loop(
             lambda i, *_: i < count, body, (tf.constant(0), prev, states, out)
         )
         return tf.transpose(out.stack()[1:]), prev, states
+
+
+class Draw(NamedTuple):
+    """The draw settings of each row, as tensors (see ``draw.draw_next``).
+
+    Args:
+        temperature: float32 ``[batch]``; 0 is argmax.
+        top_k: int32 ``[batch]``; 0 is all characters.
+        top_p: float32 ``[batch]``; 1 is all characters.
+        seed: int64 ``[2]`` shared by the rows, or ``[batch, 2]``, one per row (then each row
+            is drawn exactly as it would be alone).
+        words: bool ``[batch]``: inside a word (after anything but a space) take the most
+            likely character; draw only after a space.
+    """
+
+    temperature: tf.Tensor
+    top_k: tf.Tensor
+    top_p: tf.Tensor
+    seed: tf.Tensor
+    words: tf.Tensor
 
 
 def prime_table(vocab: Vocab) -> tf.lookup.StaticHashTable:
@@ -273,23 +292,24 @@ def encode_primes(table, primes, fallback_id: int):
 
 
 def decode_ids(vocab: Vocab, ids):
-    """Returns UTF-8 strings ``[batch]`` for id rows ``[batch, n]``."""
+    """Returns UTF-8 strings ``[batch]`` for id rows ``[batch, n]`` (dense or ragged)."""
     cps = tf.gather(tf.constant(vocab.codepoints.astype(np.int32)), ids)
     return tf.strings.unicode_encode(cps, "UTF-8")
 
 
-def generate_graph(gen: Generator, table, primes, num_chars, temperature, top_k, seed, words):
+def generate_graph(gen: Generator, table, primes, num_chars, settings: Draw):
     """A whole generation for a batch of primes, in one graph (what the export serves).
+
+    Every row is independent: its own prime, length, settings and seed, so a row's text is
+    the same in any batch. The loop runs to the longest row; shorter rows' extra characters
+    are dropped.
 
     Args:
         gen: the Generator.
         table: from ``prime_table(gen.vocab)``.
         primes: string ``[batch]``.
-        num_chars: int32 scalar.
-        temperature: float32 scalar or ``[batch]``.
-        top_k: int32 scalar or ``[batch]``.
-        seed: int64 ``[2]``.
-        words: bool scalar or ``[batch]``.
+        num_chars: int32 ``[batch]``.
+        settings: the rows' draw settings (seed ``[batch, 2]``).
 
     Returns:
         string ``[batch]``: the continuations.
@@ -298,7 +318,6 @@ def generate_graph(gen: Generator, table, primes, num_chars, temperature, top_k,
     batch = tf.shape(ids)[0]
     states = gen.feed(ids, lengths - 1, gen.zero_states(batch))
     prev = tf.gather(ids, lengths - 1, batch_dims=1)
-    rows = lambda v: tf.broadcast_to(v, [batch])  # noqa: E731
-    out, _, _ = gen.draw(prev, states, num_chars, rows(temperature), rows(top_k), seed,
-                         tf.constant(0, tf.int64), rows(words))  # fmt: skip
-    return decode_ids(gen.vocab, out)
+    count = tf.reduce_max(tf.concat([num_chars, [0]], axis=0))
+    out, _, _ = gen.draw(prev, states, count, settings, tf.constant(0, tf.int64))
+    return decode_ids(gen.vocab, tf.RaggedTensor.from_tensor(out, lengths=num_chars))

@@ -54,6 +54,7 @@ LIMITS = (
     Limit("num_chars", "int32", 0, "max_chars", "from 0 to {high}"),
     Limit("temperature", "float32", 0.0, None, "a finite number, 0 or more (0 = most likely)"),
     Limit("top_k", "int32", 0, "vocab_size", "from 0 (all) to the vocabulary size {high}"),
+    Limit("top_p", "float32", 0.0, 1.0, "a number from 0 to 1 (1 = all characters)"),
     Limit("seed", "int64", -(2**63), None, "an integer that fits in 64 bits"),
 )
 

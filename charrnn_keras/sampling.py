@@ -17,6 +17,7 @@ import tensorflow as tf
 from charrnn_keras import generation
 from charrnn_keras.config import ModelConfig
 from charrnn_keras.draw import seed_pair
+from charrnn_keras.errors import SamplingError
 from charrnn_keras.model import build_model, reset_states, rnn_layers
 from charrnn_keras.vocab import Vocab
 
@@ -56,6 +57,7 @@ class Sampler:
                 tf.TensorSpec([], tf.int32),  # how many to draw
                 tf.TensorSpec([], tf.float32),  # temperature
                 tf.TensorSpec([], tf.int32),  # top_k
+                tf.TensorSpec([], tf.float32),  # top_p
                 tf.TensorSpec([2], tf.int64),  # seed
                 tf.TensorSpec([], tf.int64),  # position of the first draw
                 tf.TensorSpec([], tf.bool),  # strategy "words"
@@ -92,6 +94,7 @@ class Sampler:
         top_k: int = 0,
         strategy: str = "sample",
         seed: int = 0,
+        top_p: float = 1.0,
     ) -> Iterator[str]:
         """Streams generated characters, each as soon as it is drawn.
 
@@ -105,26 +108,63 @@ class Sampler:
             strategy: ``sample`` draws every character; ``words`` draws only after a space
                 and takes the most likely character inside a word.
             seed: the same run, prime, settings and seed give the same text in any process.
+            top_p: draw only among the most likely characters whose probabilities add up to
+                ``top_p``, after the temperature (nucleus sampling; 1 = all).
 
         Returns:
             An iterator over the generated characters (the prime is not repeated).
         """
-        self.generator.check(
-            strategy, num_chars=num_chars, temperature=temperature, top_k=top_k, seed=seed
-        )
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        self.generator.check(strategy, num_chars=num_chars, **settings)
         ids = self.vocab.encode(self.prepare_prime(prime))
-        return self._run(ids, num_chars, float(temperature), int(top_k), strategy, int(seed))
+        return self._run(ids, num_chars, strategy, **settings)
 
     def sample(self, prime: str, num_chars: int, **kwargs) -> str:
         """Returns the generated text (without the prime); takes ``generate``'s arguments."""
         return "".join(self.generate(prime, num_chars, **kwargs))
+
+    def samples(
+        self, prime: str, num_chars: int, num_samples: int, seed: int = 0, **kwargs
+    ) -> list[str]:
+        """Returns ``num_samples`` texts from one batched call, with seeds ``seed``,
+        ``seed + 1``, ...; each equals ``sample(..., seed=seed + i)`` byte for byte.
+
+        Args:
+            prime: the text to start from (see ``generate``).
+            num_chars: characters per sample.
+            num_samples: how many samples (1 or more).
+            seed: the first sample's seed.
+            **kwargs: ``temperature``, ``top_k``, ``top_p``, ``strategy``, as ``generate``.
+
+        Returns:
+            The texts, without the prime.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise SamplingError(f"num_samples must be an integer, 1 or more, got {num_samples!r}")
+        strategy = kwargs.pop("strategy", "sample")
+        settings = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **kwargs}
+        last = seed + num_samples - 1 if isinstance(seed, int) else seed
+        for s in (seed, last):
+            self.generator.check(strategy, num_chars=num_chars, seed=s, **settings)
+        ids = self.vocab.encode(self.prepare_prime(prime))
+        n = num_samples
+        draw = generation.Draw(
+            temperature=tf.fill([n], float(settings["temperature"])),
+            top_k=tf.fill([n], int(settings["top_k"])),
+            top_p=tf.fill([n], float(settings["top_p"])),
+            seed=tf.constant([[seed + i, 0] for i in range(n)], tf.int64),
+            words=tf.fill([n], strategy == "words"),
+        )
+        rows = tf.constant([ids] * n, tf.int32)
+        out = self._batch(rows, tf.constant(num_chars, tf.int32), draw).numpy()
+        return [self.vocab.decode(row) for row in out]
 
     def trace_count(self) -> int:
         """How many graphs the compiled feed and draw have traced: 2 while every call reuses
         them (a retrace per call would cost more than the characters it draws)."""
         return sum(f.experimental_get_tracing_count() for f in (self._feed, self._draw))
 
-    def _run(self, ids, num_chars, temperature, top_k, strategy, seed) -> Iterator[str]:
+    def _run(self, ids, num_chars, strategy, temperature, top_k, top_p, seed) -> Iterator[str]:
         token = object()
         self._owner = token
         reset_states(self.model)
@@ -133,6 +173,7 @@ class Sampler:
         settings = (
             tf.constant(temperature, tf.float32),
             tf.constant(top_k, tf.int32),
+            tf.constant(top_p, tf.float32),
             seed_pair(seed),
         )
         words = tf.constant(strategy == "words")
@@ -165,11 +206,18 @@ class Sampler:
         states = self.generator.feed(ids[None, :], tf.size(ids)[None], self._read_states())
         self._write_states(states)
 
-    def _draw_chunk(self, prev, count, temperature, top_k, seed, start, words):
+    def _draw_chunk(self, prev, count, temperature, top_k, top_p, seed, start, words):
         """Draws ``count`` characters after ``prev`` from the stored state; stores the new one."""
-        drawn, _, states = self.generator.draw(
-            prev[None], self._read_states(), count, temperature[None], top_k[None], seed, start,
-            words[None],
-        )  # fmt: skip
+        draw = generation.Draw(temperature[None], top_k[None], top_p[None], seed, words[None])
+        drawn, _, states = self.generator.draw(prev[None], self._read_states(), count, draw, start)
         self._write_states(states)
         return drawn[0]
+
+    @tf.function
+    def _batch(self, rows, count, draw):
+        """Generates from ``rows`` of prime ids with explicit state (the stored one is kept)."""
+        gen = self.generator
+        batch, length = tf.shape(rows)[0], tf.shape(rows)[1]
+        states = gen.feed(rows, tf.fill([batch], length - 1), gen.zero_states(batch))
+        drawn, _, _ = gen.draw(rows[:, -1], states, count, draw, tf.constant(0, tf.int64))
+        return drawn

@@ -51,14 +51,22 @@ def loaded(exported):
     return tf.saved_model.load(str(exported))
 
 
-def run_generate(fn, primes, num_chars, temperature, top_k, seed) -> list[str]:
-    """Calls a loaded ``generate`` signature; returns the decoded texts."""
+def run_generate(fn, primes, num_chars, temperature, top_k, seed, top_p=1.0, strategy="sample"):
+    """Calls a loaded ``generate`` signature with the same settings for every row (seed S is
+    ``[S, 0]``; a list gives one value per row); returns the decoded texts."""
+
+    def rows(value, dtype):
+        return tf.constant(value if isinstance(value, list) else [value] * len(primes), dtype)
+
+    seeds = seed if isinstance(seed, list) else [seed] * len(primes)
     out = fn(
-        prime=tf.constant(primes),
-        num_chars=tf.constant(num_chars, tf.int32),
-        temperature=tf.constant(temperature, tf.float32),
-        top_k=tf.constant(top_k, tf.int32),
-        seed=tf.constant([seed, 0], tf.int64),
+        prime=tf.constant(primes, tf.string),
+        num_chars=rows(num_chars, tf.int32),
+        temperature=rows(temperature, tf.float32),
+        top_k=rows(top_k, tf.int32),
+        top_p=rows(top_p, tf.float32),
+        seed=tf.constant([[s, 0] for s in seeds], tf.int64, shape=[len(primes), 2]),
+        strategy=rows(strategy, tf.string),
     )
     return [t.decode("utf-8") for t in out[names.TEXT].numpy()]
 
@@ -147,10 +155,12 @@ def test_signatures_names_dtypes_shapes(tiny_run, exported):
 
     generate = {
         names.PRIME: (tf.string, [-1]),
-        names.NUM_CHARS: (tf.int32, []),
-        names.TEMPERATURE: (tf.float32, []),
-        names.TOP_K: (tf.int32, []),
-        names.SEED: (tf.int64, [2]),
+        names.NUM_CHARS: (tf.int32, [-1]),
+        names.TEMPERATURE: (tf.float32, [-1]),
+        names.TOP_K: (tf.int32, [-1]),
+        names.TOP_P: (tf.float32, [-1]),
+        names.SEED: (tf.int64, [-1, 2]),
+        names.STRATEGY: (tf.string, [-1]),
     }
     for name in (names.GENERATE, names.SERVING_DEFAULT):
         assert spec(sigs[name].inputs) == generate
@@ -165,7 +175,8 @@ def test_signatures_names_dtypes_shapes(tiny_run, exported):
     assert set(sigs[names.METADATA].outputs) == {
         names.CHARS, names.CODEPOINTS, names.STATE_NAMES, names.CELL, names.NUM_LAYERS,
         names.RNN_SIZE, names.EMBEDDING_DIM, names.VOCAB_SIZE, names.MAX_CHARS,
-        names.MAX_BATCH_CHARS, names.MAX_ROWS, names.FALLBACK_PRIME, names.CONFIG_TOML,
+        names.MAX_BATCH_CHARS, names.MAX_ROWS, names.SIGNATURE_VERSION, names.FALLBACK_PRIME,
+        names.CONFIG_TOML,
     }  # fmt: skip
     # Only the weights are saved, each once: no stateful-layer state, no duplicates.
     saved_vars = [n for n, _ in tf.train.list_variables(str(exported / "variables" / "variables"))
@@ -191,9 +202,10 @@ with tf.compat.v1.Session(graph=tf.Graph()) as sess:
     result["texts"] = {}
     for name in ("generate", "serving_default"):
         result["texts"][name] = [run(name, {
-            "prime": np.array([p.encode()], object), "num_chars": np.int32(40),
-            "temperature": np.float32(t), "top_k": np.int32(k),
-            "seed": np.array([s, 0], np.int64)})["text"][0].decode() for p, t, k, s in cases]
+            "prime": np.array([p.encode()], object), "num_chars": np.array([40], np.int32),
+            "temperature": np.array([t], np.float32), "top_k": np.array([k], np.int32),
+            "top_p": np.array([1.0], np.float32), "strategy": np.array([b"sample"], object),
+            "seed": np.array([[s, 0]], np.int64)})["text"][0].decode() for p, t, k, s in cases]
     states = {k: np.zeros([2, v.tensor_shape.dim[1].size], np.float32)
               for k, v in sigs["step"].inputs.items() if k != "char_ids"}
     logits = []
@@ -255,9 +267,70 @@ def test_generate_batch_and_limits(loaded):
     assert sampled[0] == run_generate(fn, primes[:1], 30, 1.0, 0, 4)[0]
     assert run_generate(fn, primes, 30, 1.0, 0, 4) == sampled  # no state kept between calls
     assert run_generate(fn, primes, 0, 1.0, 0, 4) == [""] * 4
+    assert run_generate(fn, [], 5, 1.0, 0, 4) == []
     for bad in (-1, names.DEFAULT_MAX_CHARS + 1):
-        with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars must be from 0"):
             run_generate(fn, ["the"], bad, 1.0, 0, 4)
+
+
+MIXED_ROWS = [  # prime, num_chars, temperature, top_k, top_p, seed, strategy
+    ("the cat", 25, 1.0, 0, 1.0, 3, "sample"),
+    ("", 0, 1.0, 0, 1.0, 3, "sample"),
+    ("the dog sat", 40, 0.7, 3, 1.0, 11, "words"),
+    ("\u00e9the", 7, 2.0, 0, 0.6, -5, "sample"),
+    ("the cat", 25, 1.0, 0, 1.0, 4, "sample"),
+    ("log", 13, 0.0, 0, 1.0, 2**40, "words"),
+]
+
+
+def test_every_row_of_a_batch_is_its_text_alone(loaded):
+    fn = loaded.signatures[names.GENERATE]
+    columns = [list(c) for c in zip(*MIXED_ROWS, strict=True)]
+    prime, n, t, k, p, seed, strategy = columns
+    batch = run_generate(fn, prime, n, t, k, seed, p, strategy)
+    alone = [run_generate(fn, [r[0]], *r[1:4], r[5], r[4], r[6])[0] for r in MIXED_ROWS]
+    assert batch == alone
+    assert [len(text) for text in batch] == n  # each row stops at its own num_chars
+    assert batch[0] != batch[4]  # the same prime with another seed
+    # Any order of the rows, any companions: the same texts.
+    order = [3, 0, 5, 2, 1, 4]
+    shuffled = run_generate(
+        fn, *([c[i] for i in order] for c in (prime, n, t, k, seed, p, strategy))
+    )
+    assert shuffled == [batch[i] for i in order]
+
+
+def test_exported_settings_match_the_sampler_in_every_mode(tiny_run, loaded):
+    sampler = Sampler.from_run_dir(tiny_run)
+    fn = loaded.signatures[names.GENERATE]
+    for prime, n, t, k, p, seed, strategy in MIXED_ROWS:
+        expected = sampler.sample(
+            sampler.prepare_prime(prime, unknown="skip"), n, temperature=t, top_k=k, top_p=p,
+            seed=seed, strategy=strategy,
+        )  # fmt: skip
+        assert run_generate(fn, [prime], n, t, k, seed, p, strategy) == [expected]
+
+
+@pytest.mark.parametrize(
+    "inputs, words",
+    [
+        ({"top_p": [1.5]}, "top_p must be a number from 0 to 1"),
+        ({"strategy": ["beam"]}, "strategy must be one of sample, words"),
+        ({"num_chars": [5, 5]}, "every input must have one row per prime"),
+        ({"prime": ["a"] * (names.DEFAULT_MAX_ROWS + 1)}, "at most 1024 primes"),
+        ({"prime": ["a" * 2000] * 600}, "a request may feed and draw at most"),
+    ],
+)
+def test_generate_refuses_bad_rows_before_any_work(loaded, inputs, words):
+    fn = loaded.signatures[names.GENERATE]
+    args = {"primes": ["the"], "num_chars": 5, "temperature": 1.0, "top_k": 0, "seed": 1}
+    if "prime" in inputs:
+        args["primes"] = inputs["prime"]
+    for key in ("top_p", "strategy", "num_chars"):
+        if key in inputs:
+            args[key] = inputs[key]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=words):
+        run_generate(fn, **args)
 
 
 def test_other_cells_export(tmp_path):

@@ -25,7 +25,9 @@ PRIME = "prime"
 NUM_CHARS = "num_chars"
 TEMPERATURE = "temperature"
 TOP_K = "top_k"
+TOP_P = "top_p"
 SEED = "seed"
+STRATEGY = "strategy"
 # generate: output.
 TEXT = "text"
 
@@ -47,10 +49,14 @@ VOCAB_SIZE = "vocab_size"
 MAX_CHARS = "max_chars"
 MAX_BATCH_CHARS = "max_batch_chars"
 MAX_ROWS = "max_rows"
+SIGNATURE_VERSION = "signature_version"
 FALLBACK_PRIME = "fallback_prime"
 CONFIG_TOML = "config_toml"
 
 DEFAULT_MAX_CHARS = 10_000
+# The generate signature's version, in metadata: 2 has one value per row for every input
+# (version 1 took scalar settings and one seed for the whole batch).
+GENERATE_VERSION = 2
 # 64 rows of 10,000 characters fit, with room for their primes. 1,024 rows of a 2 x 512 model
 # hold about 25 MiB of state and gate activations.
 DEFAULT_MAX_BATCH_CHARS = 1_000_000
