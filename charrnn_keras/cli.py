@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import CharRNNError, SamplingError, option
 from charrnn_keras.limits import STRATEGIES, UNKNOWN
 from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
 
@@ -62,21 +62,27 @@ def cmd_sample(args) -> int:
 
     sampler = Sampler.from_run_dir(args.run_dir, args.checkpoint)
     prime = sampler.prepare_prime(args.prime, unknown=args.unknown)
+    settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    strategy=args.strategy)  # fmt: skip
+    if args.num_samples != 1:
+        texts = sampler.samples(prime, args.num_chars, args.num_samples, args.seed, **settings)
+        _print_samples(prime, texts, args.seed)
+        return 0
     # generate() checks the settings when called, so a bad one is reported before any output.
-    chars = sampler.generate(
-        prime,
-        num_chars=args.num_chars,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        strategy=args.strategy,
-        seed=args.seed,
-    )
+    chars = sampler.generate(prime, num_chars=args.num_chars, seed=args.seed, **settings)
     sys.stdout.write(prime)
     for char in chars:
         sys.stdout.write(char)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _print_samples(prime: str, texts: list[str], seed: int) -> None:
+    """Prints numbered samples, each headed by the seed that reproduces it alone."""
+    for i, text in enumerate(texts):
+        print(f"--- sample {i + 1} (--seed {seed + i})")
+        print(prime + text)
 
 
 def cmd_export(args) -> int:
@@ -104,15 +110,23 @@ def cmd_serve(args) -> int:
 def cmd_query(args) -> int:
     from charrnn_keras.serving.client import Client
 
+    n = args.num_samples
+    if n < 1:
+        raise SamplingError(f"{option('num_samples')} must be 1 or more, got {n}")
     with Client(args.server, args.model_name, timeout=args.timeout) as client:
-        text = client.generate(
-            args.prime,
+        texts = client.generate(
+            [args.prime] * n,
             num_chars=args.num_chars,
             temperature=args.temperature,
             top_k=args.top_k,
-            seed=args.seed,
+            top_p=args.top_p,
+            strategy=args.strategy,
+            seed=[args.seed + i for i in range(n)],
         )
-    print(args.prime + text)
+    if n == 1:
+        print(args.prime + texts[0])
+    else:
+        _print_samples(args.prime, texts, args.seed)
     return 0
 
 
@@ -127,6 +141,28 @@ def _add_generation_flags(p, seed_default) -> None:
     )
     p.add_argument(
         "--top-k", type=int, default=0, help="draw only among the k most likely (0 = all)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: draw only among the most likely characters whose probabilities "
+        "add up to P, after the temperature (1 = all)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="sample",
+        help="sample: draw every character; words: draw at the start of a word, "
+        "then the most likely character inside it",
+    )
+    p.add_argument(
+        "--num-samples",
+        "-N",
+        type=int,
+        default=1,
+        help="write N samples in one batched call, with seeds S, S+1, ... (each the text "
+        "its seed gives alone)",
     )
     p.add_argument(
         "--seed",
@@ -177,13 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         "else from its most frequent character",
     )
     _add_generation_flags(p, seed_default=0)
-    p.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default="sample",
-        help="sample: draw every character; words: draw at the start of a word, "
-        "then the most likely character inside it",
-    )
     p.add_argument(
         "--unknown",
         choices=UNKNOWN,

@@ -245,3 +245,44 @@ def test_cli_sample_end_to_end(tiny_run, capsys):
     assert cli.main([*argv, "-t", "-1"]) == 2
     err = capsys.readouterr()
     assert err.out == "" and "got -1.0" in err.err
+
+
+def test_top_p_draws_only_from_the_nucleus():
+    vocab = Vocab("abcdefghij")
+    bias = np.array([0.3, 2.9, 0.1, 0.5, 2.0, 0.0, 0.2, 1.7, 0.4, 0.6], np.float32)
+    s = controlled(vocab, bias)
+    probs = np.exp(bias) / np.exp(bias).sum()
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]  # KerasHub's TopPSampler keeps these
+    for p in (0.3, 0.6, 0.9):
+        nucleus = {vocab.chars[i] for i, b in zip(order, before, strict=True) if b <= p}
+        drawn = set(s.sample("a", 300, top_p=p, seed=5))
+        assert drawn == nucleus, (p, drawn, nucleus)
+    assert len(set(s.sample("a", 300, top_p=1.0, seed=5))) == len(vocab)
+    assert s.sample("a", 50, top_p=0.0, seed=5) == s.sample("a", 50, temperature=0, seed=6)
+    # Temperature first: a hot distribution spreads the mass, so the nucleus grows.
+    assert len(set(s.sample("a", 300, top_p=0.6, temperature=5.0, seed=5))) > 3
+
+
+def test_samples_are_each_their_seed_alone(sampler):
+    settings = {"temperature": 1.3, "top_k": 6, "top_p": 0.9, "strategy": "words"}
+    many = sampler.samples("the ", 45, 4, seed=20, **settings)
+    assert many == [sampler.sample("the ", 45, seed=20 + i, **settings) for i in range(4)]
+    assert len(set(many)) == 4
+    assert sampler.samples("the ", 5, 1, seed=3) == [sampler.sample("the ", 5, seed=3)]
+    with pytest.raises(CharRNNError, match="num_samples"):
+        sampler.samples("the ", 5, 0)
+    with pytest.raises(CharRNNError, match=r"top_p must be a number from 0 to 1 .*, got 1.5"):
+        sampler.samples("the ", 5, 2, top_p=1.5)
+
+
+@pytest.mark.slow
+def test_cli_num_samples_and_top_p(hand_run, sampler, capsys):
+    argv = ["sample", "--run-dir", str(hand_run), "-p", "the ", "-n", "30", "--seed", "8"]
+    assert cli.main([*argv, "--top-p", "0.7", "--num-samples", "3"]) == 0
+    out = capsys.readouterr().out
+    texts = [sampler.sample("the ", 30, seed=8 + i, top_p=0.7) for i in range(3)]
+    expected = "".join(
+        f"--- sample {i + 1} (--seed {8 + i})\nthe {t}\n" for i, t in enumerate(texts)
+    )
+    assert out == expected

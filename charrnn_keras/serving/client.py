@@ -118,21 +118,31 @@ class Client:
     def generate(
         self,
         prime: str | Sequence[str],
-        num_chars: int = 500,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        seed: int | Sequence[int] = 0,
+        num_chars: int | Sequence[int] = 500,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        seed=0,
+        top_p: float | Sequence[float] = 1.0,
+        strategy: str | Sequence[str] = "sample",
     ) -> str | list[str]:
         """Generates text in one round trip with the ``generate`` signature.
+
+        Every setting is one value for all rows or a list with one value per prime; each row
+        gets exactly the text it would get alone.
 
         Args:
             prime: the text to start from, or a list of primes for a batch; characters outside
                 the vocabulary are skipped, and an empty prime starts from a newline.
-            num_chars: characters to generate per prime.
+            num_chars: characters to generate.
             temperature: 0 is argmax; higher is more random.
             top_k: draw only among the k most likely characters (0 = all); more than the
                 vocabulary size, like a negative temperature, is refused (INVALID_ARGUMENT).
-            seed: ``S`` (the same as ``charrnn sample --seed S``) or a stateless pair ``[a, b]``.
+            seed: ``S`` (the same as ``charrnn sample --seed S``) or a stateless pair
+                ``[a, b]``; for a list of primes, an ``S`` for every row or a list with one
+                seed per prime.
+            top_p: nucleus sampling: only the most likely characters whose probabilities add
+                up to ``top_p`` (1 = all).
+            strategy: ``sample``, or ``words`` (draw only at the start of a word).
 
         Returns:
             The generated continuation (without the prime); a list for a list of primes.
@@ -141,15 +151,23 @@ class Client:
         primes = [prime] if single else list(prime)
         if not primes:
             return []
-        pair = [int(seed), 0] if np.ndim(seed) == 0 else [int(s) for s in seed]
+        rows = len(primes)
+        if single or np.ndim(seed) == 0:
+            seeds = [_seed_pair(seed)] * rows
+        else:
+            seeds = [_seed_pair(s) for s in _per_row(seed, rows, "seed")]
         out = self.predict(
             names.GENERATE,
             {
                 names.PRIME: np.array([p.encode("utf-8") for p in primes], dtype=object),
-                names.NUM_CHARS: np.int32(num_chars),
-                names.TEMPERATURE: np.float32(temperature),
-                names.TOP_K: np.int32(top_k),
-                names.SEED: np.array(pair, dtype=np.int64),
+                names.NUM_CHARS: np.array(_per_row(num_chars, rows, "num_chars"), np.int32),
+                names.TEMPERATURE: np.array(_per_row(temperature, rows, "temperature"), np.float32),
+                names.TOP_K: np.array(_per_row(top_k, rows, "top_k"), np.int32),
+                names.TOP_P: np.array(_per_row(top_p, rows, "top_p"), np.float32),
+                names.SEED: np.array(seeds, np.int64).reshape(rows, 2),
+                names.STRATEGY: np.array(
+                    [s.encode() for s in _per_row(strategy, rows, "strategy")], dtype=object
+                ),
             },
         )
         texts = [t.decode("utf-8") for t in out[names.TEXT]]
@@ -205,3 +223,19 @@ class Client:
         response = self._call(self._models.GetModelStatus, request)
         state = get_model_status_pb2.ModelVersionStatus.State
         return {s.version: state.Name(s.state) for s in response.model_version_status}
+
+
+def _seed_pair(seed) -> list[int]:
+    return [int(seed), 0] if np.ndim(seed) == 0 else [int(s) for s in seed]
+
+
+def _per_row(value, rows: int, name: str) -> list:
+    """``value`` for every row, or the list of per-row values after checking its length."""
+    if isinstance(value, str) or np.ndim(value) == 0:
+        return [value] * rows
+    values = list(value)
+    if len(values) != rows:
+        raise ServingError(
+            f"{name} has {len(values)} values for {rows} primes; give one or one per prime"
+        )
+    return values
