@@ -56,7 +56,10 @@ def _load_tensorflow() -> None:
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
-    real_stderr = os.dup(2)
+    try:
+        real_stderr = os.dup(2)
+    except OSError:  # run with stderr closed: there is nothing to keep quiet
+        return
     with tempfile.TemporaryFile() as held:  # a file, not a pipe: nothing can block on it
         loaded = False
         try:
