@@ -53,13 +53,10 @@ def _load_tensorflow() -> None:
     driver's "failed call to cuInit" error (logged when TensorFlow first looks for GPUs) in the
     same window. What was written is dropped, unless loading fails: then it may say why.
     """
-    if "tensorflow" in sys.modules:
+    if "tensorflow" in sys.modules or sys.stderr is None:  # None: run with stderr closed
         return
     sys.stderr.flush()
-    try:
-        real_stderr = os.dup(2)
-    except OSError:  # run with stderr closed: there is nothing to keep quiet
-        return
+    real_stderr = os.dup(2)
     with tempfile.TemporaryFile() as held:  # a file, not a pipe: nothing can block on it
         loaded = False
         try:
