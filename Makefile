@@ -34,12 +34,15 @@ train: $(STAMP)  ## train (CONFIG, DATA, RUN_DIR, ARGS); re-run the same command
 	$(BIN)/charrnn train --config $(CONFIG) $(if $(DATA),--data $(DATA)) \
 		$(if $(RUN_DIR),--run-dir $(RUN_DIR)) $(ARGS)
 
-sample: $(STAMP)  ## write text with a run (RUN_DIR, default runs/default; PRIME, NUM_CHARS, SEED)
-	$(BIN)/charrnn sample --run-dir $(or $(RUN_DIR),runs/default) --prime '$(PRIME)' \
+# Without RUN_DIR, charrnn picks the newest run of CONFIG: the one `make train` made last.
+RUN_OR_CONFIG = $(if $(RUN_DIR),--run-dir $(RUN_DIR),--config $(CONFIG))
+
+sample: $(STAMP)  ## write text with a run (RUN_DIR, default the newest of CONFIG; PRIME, NUM_CHARS, SEED)
+	$(BIN)/charrnn sample $(RUN_OR_CONFIG) --prime '$(PRIME)' \
 		--num-chars $(NUM_CHARS) --seed $(SEED) $(ARGS)
 
-export: $(STAMP)  ## export a run (RUN_DIR) as a new SavedModel version under export/
-	$(BIN)/charrnn export --run-dir $(or $(RUN_DIR),runs/default) --export-dir $(EXPORT_DIR) \
+export: $(STAMP)  ## export a run (RUN_DIR, default the newest of CONFIG) as a new SavedModel version
+	$(BIN)/charrnn export $(RUN_OR_CONFIG) --export-dir $(EXPORT_DIR) \
 		--model-name $(MODEL_NAME) $(ARGS)
 
 serve: $(STAMP)  ## serve export/ on PORT: tensorflow_model_server if installed, else ours

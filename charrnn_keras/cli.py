@@ -11,16 +11,69 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from charrnn_keras.errors import CharRNNError, SamplingError, option
 from charrnn_keras.limits import STRATEGIES, UNKNOWN
 from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
 
 
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _quiet_tensorflow(verbose: bool) -> None:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if not verbose:
+        # TensorFlow applies it only once loaded; _load_tensorflow handles its start-up lines.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _wants_tensorflow_startup(verbose: bool) -> bool:
+    """-v, or TensorFlow's own variables asking for its INFO or VLOG lines, shows its start-up."""
+    env = os.environ
+    return (
+        verbose
+        or env.get("TF_CPP_MIN_LOG_LEVEL") == "0"
+        or "TF_CPP_MAX_VLOG_LEVEL" in env
+        or "TF_CPP_VMODULE" in env
+    )
+
+
+def _load_tensorflow() -> None:
+    """Imports TensorFlow and lists its devices with stderr's file descriptor pointed away.
+
+    Why at the descriptor: TensorFlow 2.21 logs through Abseil from C++ static initialisers while
+    its shared libraries load. The oneDNN notice (core/util/port.cc, reached from
+    threadpool_device.cc's initialiser) and "Could not find cuda drivers" (tsl/cuda/cudart_stub.cc,
+    reached from the CUDA kernels' fat-binary constructor) run before the same library's
+    logging_initializer.cc applies TF_CPP_MIN_LOG_LEVEL, and nothing calls
+    absl::InitializeLog(), so Abseil writes them whatever the level, after its "All log messages
+    before absl::InitializeLog()" warning. libtensorflow_framework.so.2 and
+    python/profiler/internal/_pywrap_profiler_plugin.so each link their own copy of Abseil and of
+    these initialisers, and `import tensorflow` loads both: hence everything twice. No variable
+    reaches them (TF_ENABLE_ONEDNN_OPTS=0 silences the notice only by turning oneDNN off, and a
+    CPU-only TensorFlow still prints it). Listing the devices here keeps a machine without a CUDA
+    driver's "failed call to cuInit" error (logged when TensorFlow first looks for GPUs) in the
+    same window. What was written is dropped, unless loading fails: then it may say why.
+    """
+    if "tensorflow" in sys.modules or sys.stderr is None:  # None: run with stderr closed
+        return
+    sys.stderr.flush()
+    real_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as held:  # a file, not a pipe: nothing can block on it
+        loaded = False
+        try:
+            os.dup2(held.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+            loaded = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(real_stderr, 2)
+            os.close(real_stderr)
+            if not loaded:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
 
 
 def cmd_train(args) -> int:
@@ -34,7 +87,8 @@ def cmd_train(args) -> int:
         run_dir=args.run_dir,
         overwrite=args.overwrite,
         config_name=_config_name(args.config),
-        verbose=0 if args.quiet else 1,
+        # A progress bar redrawn in place is for a terminal; a log file gets a line per epoch.
+        verbose=0 if args.quiet else 1 if sys.stdout.isatty() else 2,
     )
     print(f"run directory: {result.run_dir}")
     if result.best_val_loss is not None:
@@ -52,15 +106,34 @@ def cmd_train(args) -> int:
 
 
 def _config_name(path) -> str:
-    from pathlib import Path
-
     return Path(path).stem if path else "default"
+
+
+def _newest_run(config) -> Path:
+    """The run `charrnn train --config CONFIG` made last: runs/<name>, or the highest runs/<name>-N.
+
+    Follows the naming of resume.resolve_run_dir. When there is none, runs/<name> is returned and
+    the command reports it missing.
+    """
+    base = Path("runs") / _config_name(config)
+    numbers = [
+        int(suffix)
+        for path in (base.parent.iterdir() if base.parent.is_dir() else ())
+        if path.name.startswith(base.name + "-")
+        and (suffix := path.name[len(base.name) + 1 :]).isdecimal()
+        and int(suffix) >= 2
+    ]
+    return base.with_name(f"{base.name}-{max(numbers)}") if numbers else base
+
+
+def _run_dir(args) -> Path:
+    return Path(args.run_dir) if args.run_dir else _newest_run(args.config)
 
 
 def cmd_sample(args) -> int:
     from charrnn_keras.sampling import Sampler
 
-    sampler = Sampler.from_run_dir(args.run_dir, args.checkpoint)
+    sampler = Sampler.from_run_dir(_run_dir(args), args.checkpoint)
     prime = sampler.prepare_prime(args.prime, unknown=args.unknown)
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     strategy=args.strategy)  # fmt: skip
@@ -89,7 +162,7 @@ def cmd_export(args) -> int:
     from charrnn_keras.export import export_run
 
     path = export_run(
-        args.run_dir,
+        _run_dir(args),
         export_dir=args.export_dir,
         model_name=args.model_name,
         version=args.version,
@@ -172,8 +245,29 @@ def _add_generation_flags(p, seed_default) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error in one line, as every other refusal is; --help is unchanged."""
+
+    def error(self, message):
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_run_dir_flags(p) -> None:
+    p.add_argument(
+        "--run-dir",
+        help="a run directory from charrnn train (default: the newest run of --config)",
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        help="without --run-dir, use the newest runs/<config name>[-N] that charrnn train "
+        "--config made (default: runs/default[-N])",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="charrnn",
         description="Character-level RNN language models: train, sample, export to TF Serving.",
     )
@@ -203,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="write text with a trained run")
-    p.add_argument("--run-dir", required=True, help="a run directory from charrnn train")
+    _add_run_dir_flags(p)
     p.add_argument("--checkpoint", help="weights file (default: the best checkpoint)")
     p.add_argument(
         "--prime",
@@ -222,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="write a versioned SavedModel for TF Serving")
-    p.add_argument("--run-dir", required=True, help="a run directory from charrnn train")
+    _add_run_dir_flags(p)
     p.add_argument("--checkpoint", help="weights file (default: the best checkpoint)")
     p.add_argument("--export-dir", default="export", help="TF Serving base path")
     p.add_argument("--model-name", default="charrnn", help="model name (a folder in export-dir)")
@@ -268,13 +362,21 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         # A scheduler's `kill` stops training as cleanly as Ctrl-C does.
         signal.signal(signal.SIGTERM, _interrupt)
-    _quiet_tensorflow()
+    _quiet_tensorflow(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.captureWarnings(True)
+    if not args.verbose:
+        # TensorFlow's and Keras's notes (through absl and Python warnings) speak to their own
+        # developers, not to someone training a model; -v shows them.
+        for name in ("absl", "tensorflow", "py.warnings"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
+        if not _wants_tensorflow_startup(args.verbose):
+            _load_tensorflow()
         return args.func(args)
     except CharRNNError as e:
         message = " ".join(e.render(flag).split())  # one line, whatever the message held

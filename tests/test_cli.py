@@ -1,0 +1,149 @@
+"""The charrnn command as a user runs it, in a subprocess: what it writes is all it writes.
+
+A refusal is exactly one line on stderr, whatever TensorFlow would print while it loads, and a
+training run piped to a file writes plain lines. Each subprocess that reaches TensorFlow takes
+seconds, so each case here is one a user meets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_CONFIG, TINY_TEXT
+
+from charrnn_keras import cli
+
+
+def charrnn(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # A developer's own TensorFlow log settings would (rightly) bring its start-up lines back.
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "TF_CPP_MAX_VLOG_LEVEL", "TF_CPP_VMODULE"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "charrnn_keras.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, prefix: str, *fragments: str):
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    line = proc.stderr.removesuffix("\n")
+    assert proc.stderr == line + "\n" and "\n" not in line, proc.stderr  # the whole of stderr
+    assert line.startswith(prefix + ": error: "), line
+    for fragment in fragments:
+        assert fragment in line
+
+
+@pytest.fixture
+def text(tmp_path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, prefix, fragments",
+    [
+        (["sample", "--bogus"], "charrnn", ["unrecognized arguments: --bogus", "--help"]),
+        ([], "charrnn", ["required: command"]),
+        (["sample", "-n", "many"], "charrnn sample", ["--num-chars", "'many'"]),
+    ],
+    ids=["unknown-flag", "missing-command", "bad-int"],
+)
+def test_usage_error_is_one_line(tmp_path, args, prefix, fragments):
+    assert_one_error_line(charrnn(*args, cwd=tmp_path), prefix, *fragments)
+
+
+def test_help_is_still_the_full_usage(tmp_path):
+    proc = charrnn("sample", "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("usage: charrnn sample") and "--temperature" in proc.stdout
+
+
+# These reach TensorFlow: its start-up lines would come before the error.
+@pytest.mark.parametrize(
+    "args, prefix, fragments",
+    [
+        (["train", "--data", "missing.txt"], "charrnn train", ["missing.txt"]),
+        (["train", "--data", "{text}", "--set", "model.foo=1"], "charrnn train", ["model.foo"]),
+        (["train", "--data", "{text}", "--set", "train.epochs=0"], "charrnn train", ["epochs"]),
+        (["sample", "-n", "5"], "charrnn sample", [str(Path("runs", "default"))]),
+        (["export", "--run-dir", "nope"], "charrnn export", ["nope"]),
+    ],
+    ids=["missing-data", "unknown-key", "bad-value", "sample-no-run", "export-missing-run"],
+)
+def test_bad_input_is_one_line_without_tensorflow_noise(tmp_path, text, args, prefix, fragments):
+    args = [arg.format(text=text) for arg in args]
+    assert_one_error_line(charrnn(*args, cwd=tmp_path), prefix, *fragments)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "export").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`charrnn train` on a tiny config, stdout piped: (working directory, finished process)."""
+    cwd = tmp_path_factory.mktemp("cli")
+    (cwd / "text.txt").write_text(TINY_TEXT, encoding="utf-8")
+    proc = charrnn(
+        "train",
+        "--config",
+        TINY_CONFIG,
+        "--data",
+        "text.txt",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.sample_chars=0",
+        cwd=cwd,
+    )
+    return cwd, proc
+
+
+@pytest.mark.slow
+def test_piped_training_writes_plain_lines_and_no_tensorflow_noise(trained):
+    cwd, proc = trained
+    assert proc.returncode == 0, proc.stderr
+    # With no samples asked for, stderr is only our own log lines.
+    assert proc.stderr and all(
+        line.startswith("INFO charrnn_keras.") for line in proc.stderr.splitlines()
+    ), proc.stderr
+    assert not re.search(r"[\x1b\r\b]", proc.stdout), repr(proc.stdout)
+    lines = proc.stdout.splitlines()
+    assert any(re.match(r"\d+/\d+ - \d+s - .*loss: ", line) for line in lines), lines  # verbose=2
+    assert f"run directory: {Path('runs', 'tiny')}" in lines
+    assert (cwd / "runs" / "tiny" / "checkpoints" / "best.weights.h5").is_file()
+
+
+@pytest.mark.slow
+def test_sample_uses_the_newest_run_of_its_config(trained):
+    cwd, _ = trained
+    proc = charrnn("sample", "--config", TINY_CONFIG, "-n", "5", "--prime", "the ", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.startswith("the ") and len(proc.stdout) == len("the ") + 5 + 1
+
+
+@pytest.mark.slow
+def test_bad_temperature_is_one_line(trained):
+    cwd, _ = trained
+    proc = charrnn("sample", "--config", TINY_CONFIG, "--temperature", "-1", cwd=cwd)
+    assert_one_error_line(proc, "charrnn sample", "temperature", "-1")
+
+
+def test_newest_run_follows_train_naming(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli._newest_run("configs/tiny.toml") == Path("runs", "tiny")  # none yet: named
+    for name in ["tiny", "tiny-2", "tiny-10", "tiny-x", "tiny-1", "tinyish-50", "other-99"]:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    assert cli._newest_run("configs/tiny.toml") == Path("runs", "tiny-10")
+    assert cli._newest_run(None) == Path("runs", "default")
