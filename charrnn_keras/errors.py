@@ -90,8 +90,6 @@ class StorageError(CharRNNError):
 class TrainingStopped(CharRNNError):
     """Training ended without finishing (a non-finite loss); the run keeps its checkpoints."""
 
-    exit_code = 1
-
 
 class Interrupted(CharRNNError):
     """Ctrl-C or SIGTERM; the message says how to continue."""
