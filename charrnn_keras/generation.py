@@ -242,7 +242,17 @@ class Generator:
         _, prev, states, out = tf.while_loop(
             lambda i, *_: i < count, body, (tf.constant(0), prev, states, out)
         )
-        return tf.transpose(out.stack()[1:]), prev, states
+        return _batch_major(out.stack()[1:]), prev, states
+
+
+def _batch_major(ids):
+    """``[time, batch]`` ids as ``[batch, time]``.
+
+    Transposed as float32, exact for ids below 2**24 (Unicode has fewer code points): oneDNN's
+    int32 transpose logs an ERROR line ("oneDNN supports DT_INT32 only on platforms with
+    AVX-512") on CPUs without its int32 support, on every process's first generation.
+    """
+    return tf.cast(tf.transpose(tf.cast(ids, tf.float32)), tf.int32)
 
 
 class Draw(NamedTuple):
