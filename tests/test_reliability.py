@@ -10,6 +10,7 @@ left a consistent run directory.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -25,10 +26,10 @@ import keras
 import pytest
 from conftest import TINY_CONFIG, TINY_TEXT
 
-from charrnn_keras import cli, rundir
+from charrnn_keras import atomic, cli, rundir
 from charrnn_keras import train as train_mod
 from charrnn_keras.config import load_config
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import CharRNNError, TrainingStopped
 from charrnn_keras.model import build_model
 from charrnn_keras.rundir import RunDirError
 
@@ -37,6 +38,7 @@ EPOCHS = 2  # the crash tests kill in the last epoch (index 1), after one epoch 
 # Runs `charrnn train ARGS` and sends itself SIGNAL at POINT of epoch AT (0-based). Everything
 # else is the real command; the hooks only observe, except the one that kills.
 DRIVER = textwrap.dedent("""
+    import functools
     import os
     import signal
     import sys
@@ -66,15 +68,7 @@ DRIVER = textwrap.dedent("""
                 die()
 
 
-    make_callbacks = train._callbacks
-
-
-    def with_killer(*args, **kwargs):
-        callbacks, budget = make_callbacks(*args, **kwargs)
-        return [Killer(), *callbacks], budget
-
-
-    train._callbacks = with_killer
+    train.train = functools.partial(train.train, extra_callbacks=[Killer()])
     save_weights = keras.Model.save_weights
 
 
@@ -141,17 +135,13 @@ def _train_recording(monkeypatch, argv, extra_callbacks=()):
         def on_epoch_begin(self, epoch, logs=None):
             trained.append(epoch)
 
-    make_callbacks = train_mod._callbacks
-
-    def with_recorder(*args, **kwargs):
-        callbacks, budget = make_callbacks(*args, **kwargs)
-        return [Recorder(), *extra_callbacks, *callbacks], budget
-
-    monkeypatch.setattr(train_mod, "_callbacks", with_recorder)
+    original = train_mod.train
+    callbacks = [Recorder(), *extra_callbacks]
+    monkeypatch.setattr(train_mod, "train", functools.partial(original, extra_callbacks=callbacks))
     try:
         return cli.main(argv), trained
     finally:
-        monkeypatch.setattr(train_mod, "_callbacks", make_callbacks)
+        monkeypatch.setattr(train_mod, "train", original)
 
 
 def _epochs(run: Path) -> list[int]:
@@ -249,14 +239,14 @@ def test_crash_between_history_row_and_backup_keeps_each_epoch_once(tmp_path, mo
 
 
 def test_crash_after_training_before_finished_trains_nothing_again(tmp_path, monkeypatch):
-    from charrnn_keras import data
+    from charrnn_keras import atomic
 
     run = tmp_path / "run"
-    original = _crash_at(monkeypatch, data, "dump_json",
-                         when=lambda obj, path: obj.get("status") == "finished")  # fmt: skip
+    original = _crash_at(monkeypatch, atomic, "write_json",
+                         when=lambda path, obj: obj.get("status") == "finished")  # fmt: skip
     with pytest.raises(_Crash):
         cli.main(_args(tmp_path))
-    monkeypatch.setattr(data, "dump_json", original)
+    monkeypatch.setattr(atomic, "write_json", original)
     best = (run / "checkpoints" / "best.weights.h5").read_bytes()
     status, trained = _train_recording(monkeypatch, _args(tmp_path))
     assert status == 0
@@ -311,7 +301,7 @@ class _PoisonWeights(keras.callbacks.Callback):
 def test_nan_loss_keeps_the_last_finite_backup(tmp_path, monkeypatch, capsys):
     # Keras backs up at every epoch end, NaN or not: the resume started from NaN weights.
     status, _ = _train_recording(monkeypatch, _args(tmp_path), [_PoisonWeights()])
-    assert status == 2
+    assert status == TrainingStopped.exit_code  # 1: not a usage error
     line = _one_error_line(capsys.readouterr().err)
     assert "loss became NaN" in line and "resume from epoch 2" in line, line
     status, trained = _train_recording(monkeypatch, _args(tmp_path))
@@ -644,7 +634,7 @@ def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
     names = {
         f".best.tmp{dead_pid}.weights.h5": False,  # CharRNN.save_weights, killed
         f"..latest.tmp{dead_pid}.tmp{dead_pid}.weights.h5": False,  # the same inside a backup
-        f".training_metadata.json.tmp{dead_pid}.part": False,  # RunBackup's metadata
+        f".training_metadata.json.tmp{dead_pid}": False,  # RunBackup's metadata
         f".best.tmp{os.getpid()}.weights.h5": False,  # an earlier process with our id
         f".best.tmp{live_pid}.weights.h5": True,  # a process still writing it
         "best.weights.h5": True,
@@ -652,7 +642,7 @@ def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
     }
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    removed = rundir.remove_stale_temps(tmp_path)
+    removed = atomic.remove_stale(tmp_path)
     assert sorted(p.name for p in removed) == sorted(n for n, kept in names.items() if not kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, k in names.items() if k)
-    assert rundir.remove_stale_temps(tmp_path / "missing") == []
+    assert atomic.remove_stale(tmp_path / "missing") == []
