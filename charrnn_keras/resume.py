@@ -57,10 +57,15 @@ def resolve_run_dir(run_dir, config_name: str, overwrite: bool) -> Path:
     if run.path.is_file() or not (
         run.is_empty() or run.config_file.exists() or run.run_file.exists()
     ):
-        raise RunDirError(
-            f"{run.path} exists and is not a run directory; choose another {option('run_dir')}"
-        )
+        raise _not_a_run(run, overwrite)
     return run.path
+
+
+def _not_a_run(run: RunDir, overwrite: bool) -> RunDirError:
+    only = f"{option('overwrite', True)} only replaces run directories; " if overwrite else ""
+    return RunDirError(
+        f"{run.path} exists and is not a run directory; {only}choose another {option('run_dir')}"
+    )
 
 
 def check_replaceable(run: RunDir, data: str | None) -> None:
@@ -71,10 +76,7 @@ def check_replaceable(run: RunDir, data: str | None) -> None:
         data: the corpus path given to training (None for the built-in one).
     """
     if not run.is_ours():
-        raise RunDirError(
-            f"{run.path} exists and is not a run directory; {option('overwrite', True)} only "
-            f"replaces run directories; choose another {option('run_dir')}"
-        )
+        raise _not_a_run(run, overwrite=True)
     if data is not None:
         corpus, here = Path(data).resolve(), run.path.resolve()
         if corpus == here or here in corpus.parents:

@@ -646,3 +646,115 @@ def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
     assert sorted(p.name for p in removed) == sorted(n for n, kept in names.items() if not kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, k in names.items() if k)
     assert atomic.remove_stale(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite replaces only a run of ours, and only once the new one is ready
+
+
+def _snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_overwrite_with_a_bad_corpus_keeps_the_finished_run(tiny_run, tmp_path, capsys):
+    # `--overwrite --data typo.txt` deleted the finished run before reading the corpus.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = _snapshot(run)
+    argv = _args(tmp_path, "--overwrite")
+    argv[argv.index("--data") + 1] = str(tmp_path / "typo.txt")
+    assert cli.main(argv) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(run) == before, "the old run is untouched"
+
+
+def test_overwrite_that_fails_while_setting_up_keeps_the_old_run(tiny_run, tmp_path, monkeypatch):
+    from charrnn_keras.errors import StorageError
+    from charrnn_keras.vocab import Vocab
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = _snapshot(run)
+    save = Vocab.save
+
+    def full_disk(self, path):
+        if Path(path).name == "vocab.json":
+            raise StorageError(f"cannot write {path}: the disk is full")
+        return save(self, path)
+
+    monkeypatch.setattr(Vocab, "save", full_disk)
+    assert cli.main(_args(tmp_path, "--overwrite")) == 1
+    assert _snapshot(run) == before, "the old run is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "run", "text.txt"]
+
+    monkeypatch.setattr(Vocab, "save", save)
+    status, trained = _train_recording(monkeypatch, _args(tmp_path, "--overwrite"))
+    assert status == 0 and trained == [0, 1], "a new run from epoch 1"
+    _assert_finished(run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "run", "text.txt"]
+
+
+@pytest.mark.parametrize("corpus_inside", [True, False], ids=["holds-corpus", "other-files"])
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys, corpus_inside):
+    # `--overwrite` deleted whatever directory --run-dir named (a home directory, the corpus').
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    argv = _args(tmp_path, "--overwrite")
+    if corpus_inside:
+        (folder / "text.txt").write_text(TINY_TEXT)
+        argv[argv.index("--data") + 1] = str(folder / "text.txt")
+    before = _snapshot(folder)
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{folder} exists and is not a run directory" in line, line
+    assert "--overwrite only replaces run directories" in line, line
+    assert _snapshot(folder) == before
+
+
+def test_overwrite_refuses_a_run_directory_holding_the_corpus(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "corpus").mkdir()
+    (run / "corpus" / "text.txt").write_text(TINY_TEXT)
+    before = _snapshot(run)
+    argv = _args(tmp_path, "--overwrite")
+    argv[argv.index("--data") + 1] = str(run / "corpus")
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{run} holds the corpus {run / 'corpus'}; --overwrite would delete it" in line, line
+    assert _snapshot(run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per run directory; a resume leaves no trace of the steps it trains again
+
+
+def test_second_train_on_a_run_in_use_is_refused_naming_the_pid(
+    three_epoch_backup, tmp_path, capsys
+):
+    _copy(three_epoch_backup, tmp_path)
+    run = tmp_path / "run"
+    before = _snapshot(run)
+    with rundir.RunDir(run).lock():  # what a running `charrnn train` holds
+        assert cli.main(_args(tmp_path, "--set", "train.epochs=3")) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"{run} is in use by another charrnn train (pid {os.getpid()})" in line, line
+        after = _snapshot(run)
+    assert after == before, "the refused process changed nothing"
+
+
+def test_resume_removes_periodic_checkpoints_of_steps_trained_again(
+    three_epoch_backup, tmp_path, monkeypatch
+):
+    # Checkpoints saved after the backup (in the epoch a kill cut short) kept their names and
+    # the resumed run's later ones sat beside them, the latest step no longer the newest file.
+    _copy(three_epoch_backup, tmp_path)
+    ckpt = tmp_path / "run" / "checkpoints"
+    kept, stale = ckpt / "i1_l16_v2.000.weights.h5", ckpt / "i1000000_l16_vnan.weights.h5"
+    shutil.copyfile(ckpt / "best.weights.h5", kept)
+    shutil.copyfile(ckpt / "best.weights.h5", stale)
+    status, trained = _train_recording(monkeypatch, _args(tmp_path, "--set", "train.epochs=3"))
+    assert status == 0 and trained == [2]
+    assert kept.exists() and not stale.exists()
