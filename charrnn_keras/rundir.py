@@ -28,7 +28,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from charrnn_keras import atomic, history
+from charrnn_keras import atomic
+from charrnn_keras import history as history_csv
 from charrnn_keras.config import Config, ConfigError, load_config
 from charrnn_keras.errors import RunDirError, option
 from charrnn_keras.vocab import Vocab
@@ -203,8 +204,10 @@ class RunDir:
 
     def status(self) -> Status | None:
         """Returns the recorded status, or None if the run has none (or one we do not know)."""
-        value = self.info().get("status")
-        return Status(value) if value in Status._value2member_map_ else None
+        try:
+            return Status(self.info().get("status"))
+        except ValueError:
+            return None
 
     def is_ours(self) -> bool:
         """Whether the directory was written by ``charrnn train`` (a run.json or config.toml of
@@ -238,6 +241,7 @@ class RunDir:
         atomic.write_text(self.config_file, cfg.to_toml())
 
     def write_info(self, info: dict) -> None:
+        """Replaces run.json with ``info``."""
         atomic.write_json(self.run_file, info)
 
     def record(self, status: Status, **facts) -> dict:
@@ -261,11 +265,11 @@ class RunDir:
 
     def truncate_history(self, first_epoch: int) -> None:
         """Keeps the history rows of epochs before ``first_epoch``, so each epoch appears once."""
-        history.truncate(self.history, first_epoch)
+        history_csv.truncate(self.history, first_epoch)
 
     def history_best(self) -> tuple[float | None, int]:
         """Returns (best val_loss, else best loss, number of epochs) from the history."""
-        return history.best(self.history)
+        return history_csv.best(self.history)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
