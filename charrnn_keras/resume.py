@@ -91,8 +91,15 @@ def check_replaceable(run: RunDir, data: str | None) -> None:
 SPEED_KEYS = {"model.fast_lstm", "model.matmul_dtype", "model.chains", "model.time_chunks"}
 
 
-def check_resume(run: RunDir, cfg: Config, corpus: data_lib.Corpus) -> None:
-    """Refuses to resume a run whose model, data layout or corpus differ from this one."""
+def check_resume(run: RunDir | str | Path, cfg: Config, corpus: data_lib.Corpus) -> None:
+    """Refuses to resume a run whose model, data layout or corpus differ from this one.
+
+    Args:
+        run: the run directory (a RunDir or its path).
+        cfg: the settings asked for now.
+        corpus: the corpus loaded now.
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
     old_cfg, old_vocab = load_run(run.path)
     diffs = [
         f"{section}.{key}: {old!r} -> {new!r}"
