@@ -53,10 +53,8 @@ def resolve_run_dir(run_dir, config_name: str, overwrite: bool) -> Path:
             f"{run.path} holds a finished run; pass {option('overwrite', True)} to replace it, "
             f"or choose another {option('run_dir')}"
         )
-    # run.json is written first: a run killed while being set up has it, not config.toml
-    if run.path.is_file() or not (
-        run.is_empty() or run.config_file.exists() or run.run_file.exists()
-    ):
+    # A run killed while being set up has a run.json of ours (written first), no config.toml.
+    if run.path.is_file() or not (run.is_empty() or run.is_ours()):
         raise _not_a_run(run, overwrite)
     return run.path
 
