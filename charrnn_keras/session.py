@@ -45,7 +45,6 @@ class Plan:
         run: the run directory.
         corpus: the loaded, checked corpus.
         replace: whether the run in ``run`` is to be replaced by a new one.
-        resuming: whether ``run`` holds an unfinished run to continue.
         locked: whether the run's lock is held already (the directory existed).
     """
 
@@ -53,7 +52,6 @@ class Plan:
     run: RunDir
     corpus: data_lib.Corpus
     replace: bool
-    resuming: bool
     locked: bool
 
 
@@ -79,10 +77,9 @@ def prepare(cfg, data, run_dir, overwrite, config_name, held: contextlib.ExitSta
     corpus = data_lib.load_corpus(data, d.max_chars, cache_dir=run.path.parent / ".cache")
     data_lib.check_vocab(corpus)
     data_lib.check_size(len(corpus.ids), d.batch_size, d.seq_length, d.val_fraction)
-    resuming = not replace and run.config_file.exists()
-    if resuming:
+    if not replace and run.config_file.exists():
         check_resume(run, cfg, corpus)
-    return Plan(cfg, run, corpus, replace, resuming, locked)
+    return Plan(cfg, run, corpus, replace, locked)
 
 
 @dataclass
@@ -98,6 +95,7 @@ class Session:
         backup: the run's RunBackup.
         budget: the TimeBudget callback.
         callbacks: every callback, in the order they run.
+        seconds: how long ``fit`` ran (set by ``train.fit_run``).
     """
 
     cfg: Config
