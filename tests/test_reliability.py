@@ -758,3 +758,24 @@ def test_resume_removes_periodic_checkpoints_of_steps_trained_again(
     status, trained = _train_recording(monkeypatch, _args(tmp_path, "--set", "train.epochs=3"))
     assert status == 0 and trained == [2]
     assert kept.exists() and not stale.exists()
+
+
+def test_backup_must_be_restored_before_fit(tmp_path):
+    # On Keras' public API the resume point reaches fit only as initial_epoch: a backup not
+    # restored first would let fit start at epoch 0 over a backup of later epochs.
+    from charrnn_keras.backup import RunBackup
+
+    with pytest.raises(ValueError, match="backup_dir must name a directory, received: ''"):
+        RunBackup("")
+    cfg = load_config(TINY_CONFIG)
+    model = build_model(cfg.model, 12, 2, 4)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x = keras.ops.zeros((2, 4), dtype="int32")
+    with pytest.raises(RuntimeError, match="call RunBackup.restore"):
+        model.fit(x, x, batch_size=2, epochs=1, verbose=0, callbacks=[RunBackup(tmp_path / "b")])
+    backup = RunBackup(tmp_path / "b")
+    backup.set_model(model)
+    assert backup.restore() == 0
+    model.fit(x, x, batch_size=2, epochs=1, verbose=0, callbacks=[backup])
+    assert backup.saved_epoch == 1
+    assert json.loads((tmp_path / "b" / "training_metadata.json").read_text()) == {"epoch": 1}
