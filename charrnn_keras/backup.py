@@ -1,85 +1,79 @@
-"""Crash-safe training backup: Keras' BackupAndRestore, hardened against a kill at any moment."""
+"""Crash-safe training backup: weights, optimizer state and epoch, safe against a kill at any
+moment, on Keras' public callback API only."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
 import keras
 
+from charrnn_keras import atomic
 from charrnn_keras.errors import BackupError, option
 
 logger = logging.getLogger(__name__)
 
-
-def _replace_atomically(write, path: Path) -> None:
-    """Calls ``write(tmp)`` for a temporary name beside ``path``, then renames it to ``path``.
-
-    The temporary name carries the process id, like ``CharRNN.save_weights``'s, so that
-    ``rundir.remove_stale_temps`` can tell a file left by a killed process from a live one.
-    """
-    stem = path.name.removesuffix(".weights.h5")
-    suffix = ".weights.h5" if stem != path.name else ".part"  # Keras wants .weights.h5
-    tmp = path.with_name(f".{stem}.tmp{os.getpid()}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+# The names Keras' BackupAndRestore(double_checkpoint=True) uses, so that a backup written by
+# an earlier version of this package still resumes.
+WEIGHTS = "latest.weights.h5"
+METADATA = "training_metadata.json"
+PREVIOUS = ".bkp"  # suffix of the previous epoch's copy of each file
 
 
-def _copy_atomically(src, dst) -> None:
-    _replace_atomically(lambda tmp: shutil.copyfile(src, tmp), Path(dst))
+class RunBackup(keras.callbacks.Callback):
+    """Backs up the model after every whole, finite epoch; ``restore()`` resumes from it.
 
+    Guarantees:
 
-class RunBackup(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore(double_checkpoint=True)`` that survives being killed at any moment.
+    * every file is written under a temporary name and renamed, so no backup file is ever
+      half written (a kill between the weights and the metadata at worst repeats one epoch);
+    * two copies are kept, the newest and the previous epoch's: when the newest fails to load
+      for any reason, ``restore()`` falls back to the previous one, and raises a one-line
+      BackupError when neither loads;
+    * nothing is saved for an epoch whose loss is not finite, nor for an epoch cut short
+      (``model.stop_training`` before its last step), so a resume never starts from NaN
+      weights nor counts a partial epoch as done;
+    * nothing is deleted when training ends: ``discard()`` deletes the backup once the caller
+      has recorded the run as finished, so a kill just after ``fit`` does not lose the run.
 
-    Keras' callback writes ``training_metadata.json`` and the ``.bkp`` copies in place, falls
-    back to the previous copy only for an ``OSError`` from the weights, and saves in its own
-    ``on_epoch_end``. This one:
-
-    * writes every file under a temporary name and renames it, so no backup file is ever half
-      written (a kill between the weights and the metadata rename at worst repeats one epoch);
-    * is restored by ``restore()`` before ``fit``, so the caller knows the epoch it resumes
-      from before the history and the best checkpoint's threshold are set up;
-    * falls back to the previous epoch's copy when the newest one fails to load for any reason,
-      and raises a one-line BackupError when neither loads;
-    * saves nothing for an epoch whose loss is not finite, so a resume never starts from NaN
-      weights;
-    * keeps the backup when training ends (``discard()`` deletes it once the run is recorded
-      as finished), so a kill just after ``fit`` does not lose the run.
-
-    Put it last in the callback list, so an epoch is backed up only after the callbacks before
-    it (ModelCheckpoint, CSVLogger) have recorded it: a kill in between makes the resume train
-    that epoch again, never skip its record.
+    Call ``restore()`` after ``set_model`` and before ``fit``, and pass what it returns as
+    ``fit(initial_epoch=...)``. Put the callback last in the list, so that an epoch is backed
+    up only after the callbacks before it (ModelCheckpoint, CSVLogger) have recorded it: a
+    kill in between makes the resume train that epoch again, never skip its record.
 
     Args:
         backup_dir: the directory for the backup; nothing else may write there.
     """
 
     def __init__(self, backup_dir):
-        super().__init__(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
-        self.saved_epoch = 0  # epochs completed according to the backup
+        super().__init__()
+        if not backup_dir or not str(backup_dir).strip():
+            raise ValueError(f"backup_dir must name a directory, received: {backup_dir!r}")
+        self.backup_dir = Path(backup_dir)
+        self.saved_epoch = 0  # whole epochs completed according to the backup
         self._restored = False
+        self._batches = 0
+
+    def _pairs(self) -> list[tuple[Path, Path]]:
+        """(weights, metadata) of the newest backup, then of the previous epoch's."""
+        newest = (self.backup_dir / WEIGHTS, self.backup_dir / METADATA)
+        return [newest, tuple(p.with_name(p.name + PREVIOUS) for p in newest)]
 
     def restore(self) -> int:
-        """Loads the newest loadable backup into the model (``set_model`` first).
+        """Loads the newest loadable backup into the model (call ``set_model`` first).
 
         Returns:
-            The number of completed epochs it holds, the epoch to resume from (0 = none).
+            The number of whole epochs it holds: the epoch to resume from (0 = none).
         """
-        pairs = [
-            (self._weights_path, self._training_metadata_path),
-            (self._prev_weights_path, self._prev_training_metadata_path),
-        ]
+        if self.model is None:
+            raise RuntimeError("RunBackup.restore() needs a model: call set_model(model) first")
+        pairs = self._pairs()
         failures = []
         for i, (weights, meta) in enumerate(pairs):
-            if not os.path.exists(weights):
+            if not weights.exists():
                 continue
             try:
                 epoch = self._load(weights, meta)
@@ -91,8 +85,8 @@ class RunBackup(keras.callbacks.BackupAndRestore):
                                failures[0])  # fmt: skip
             if i > 0:  # make the good copy the newest, so the next save keeps it as the fallback
                 for src, dst in zip(pairs[i], pairs[0], strict=True):
-                    if os.path.exists(src):
-                        _copy_atomically(src, dst)
+                    if src.exists():
+                        atomic.copy(src, dst)
             self.saved_epoch = epoch
             self._restored = True
             return epoch
@@ -105,23 +99,23 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         self._restored = True
         return 0
 
-    def _load(self, weights: str, meta: str) -> int:
+    def _load(self, weights: Path, meta: Path) -> int:
         """Loads one weights/metadata pair; returns its epoch (0 if it has no metadata)."""
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)  # its variables are in the file
-        if weights.endswith(".weights.h5"):
-            self.model.load_weights(weights)
+        if weights.name.endswith(atomic.WEIGHTS_SUFFIX):
+            self.model.load_weights(str(weights))
         else:  # Keras reads only *.weights.h5 names, so the .bkp copy is read under one
-            tmp = Path(weights).with_name(f".{Path(weights).name}.tmp{os.getpid()}.weights.h5")
+            tmp = atomic.temp_path(weights.with_name(weights.name + atomic.WEIGHTS_SUFFIX))
             try:
                 shutil.copyfile(weights, tmp)
                 self.model.load_weights(str(tmp))
             finally:
                 tmp.unlink(missing_ok=True)
-        if not os.path.exists(meta):
+        if not meta.exists():
             return 0
-        epoch = json.loads(Path(meta).read_text(encoding="utf-8"))["epoch"]
+        epoch = json.loads(meta.read_text(encoding="utf-8"))["epoch"]
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"{meta}: epoch must be an integer, 0 or more, got {epoch!r}")
         return epoch
@@ -131,8 +125,17 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         shutil.rmtree(self.backup_dir, ignore_errors=True)
 
     def on_train_begin(self, logs=None):
-        if not self._restored:  # when used without an explicit restore()
-            self.model._initial_epoch = self.restore()
+        if not self._restored:
+            # Without it, fit would start at epoch 0 over a backup of later epochs.
+            raise RuntimeError(
+                "call RunBackup.restore() before fit and pass its result as initial_epoch"
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
@@ -140,23 +143,23 @@ class RunBackup(keras.callbacks.BackupAndRestore):
             logger.warning("epoch %d: loss is %s; keeping the backup of epoch %d",
                            epoch + 1, loss, self.saved_epoch)  # fmt: skip
             return
-        super().on_epoch_end(epoch, logs)
+        steps = (self.params or {}).get("steps")
+        if steps and self._batches < steps:
+            logger.info("epoch %d stopped after %d of %d steps; keeping the backup of epoch %d",
+                        epoch + 1, self._batches, steps, self.saved_epoch)  # fmt: skip
+            return
+        self._save(epoch + 1)
         self.saved_epoch = epoch + 1
 
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        # The previous epoch's pair becomes the fallback; weights first, so that a kill between
-        # the two copies pairs newer weights with an older epoch (one epoch repeated), not the
-        # reverse (one epoch skipped).
-        for src, dst in [
-            (self._weights_path, self._prev_weights_path),
-            (self._training_metadata_path, self._prev_training_metadata_path),
-        ]:
-            if os.path.exists(src):
-                _copy_atomically(src, dst)
-        # CharRNN.save_weights already writes under a temporary name and renames.
-        self.model.save_weights(self._weights_path, overwrite=True)
-        meta = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
-        _replace_atomically(
-            lambda tmp: tmp.write_text(meta, encoding="utf-8"), Path(self._training_metadata_path)
-        )
+    def _save(self, epoch: int) -> None:
+        """Writes the backup of ``epoch`` whole epochs, keeping the previous one as fallback."""
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        newest, previous = self._pairs()
+        # Weights first, so that a kill between the two copies pairs newer weights with an
+        # older epoch (one epoch repeated), not the reverse (one epoch skipped).
+        for src, dst in zip(newest, previous, strict=True):
+            if src.exists():
+                atomic.copy(src, dst)
+        with atomic.replacing(newest[0]) as tmp:
+            self.model.save_weights(str(tmp))
+        atomic.write_json(newest[1], {"epoch": epoch})

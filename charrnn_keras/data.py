@@ -9,7 +9,6 @@ shifted by one character. Batches are never shuffled.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sysconfig
@@ -304,16 +303,3 @@ def describe(corpus: Corpus) -> dict:
         "chars": int(len(corpus.ids)),
         "vocab_size": len(corpus.vocab),
     }
-
-
-def dump_json(obj, path: str | Path) -> None:
-    """Writes JSON atomically."""
-    write_text_atomic(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", path)
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    """Writes UTF-8 text to a temporary name and renames it, so a crash leaves old or new."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")  # as given: CSV rows end in \r\n
-    os.replace(tmp, path)

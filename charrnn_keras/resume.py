@@ -1,29 +1,38 @@
-"""Choosing and resuming a run directory, and reading its CSV history.
+"""What to do with the run directory ``charrnn train`` is given: start, resume or replace.
 
 A run directory is resumed when it holds an unfinished run with the same data layout, model and
-corpus; a finished one is never overwritten without ``--overwrite``.
+corpus. A finished one is replaced only with ``overwrite``, and ``overwrite`` replaces only a
+run directory of ours that does not hold the corpus, and only once the new run is set up.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
+import contextlib
+import logging
+import os
 import shutil
 from pathlib import Path
 
+from charrnn_keras import atomic
 from charrnn_keras import data as data_lib
-from charrnn_keras import rundir as rd
 from charrnn_keras.config import Config
 from charrnn_keras.errors import RunDirError, option
+from charrnn_keras.rundir import RunDir, Status, load_run
 from charrnn_keras.vocab import format_chars
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_run_dir(run_dir, config_name: str, overwrite: bool) -> Path:
-    """Picks the run directory: the given one, or ``runs/<config_name>[-N]``.
+    """Picks the run directory: the given one, or ``runs/<config_name>[-N]``; changes nothing.
 
-    Without ``run_dir``, the newest ``runs/<config_name>*`` is resumed if unfinished, and a
-    new numbered one is started after a finished one.
+    Without ``run_dir``, the newest ``runs/<config_name>*`` is resumed if unfinished (or
+    replaced with ``overwrite``), and a new numbered one is started after a finished one.
+
+    Args:
+        run_dir: the directory asked for, or None.
+        config_name: names the default directory.
+        overwrite: whether a finished run may be replaced.
 
     Returns:
         The directory to train in (may not exist yet).
@@ -35,46 +44,68 @@ def resolve_run_dir(run_dir, config_name: str, overwrite: bool) -> Path:
         if not existing:
             return base
         last = max(existing, key=candidates.index)
-        if rd.read_run_info(last).get("status") != "finished" or overwrite:
+        if RunDir(last).status() != Status.FINISHED or overwrite:
             return resolve_run_dir(last, config_name, overwrite)
         return candidates[candidates.index(last) + 1]
-    run_dir = Path(run_dir)
-    info = rd.read_run_info(run_dir)
-    if info.get("status") == "finished":
-        if not overwrite:
-            raise RunDirError(
-                f"{run_dir} holds a finished run; pass {option('overwrite', True)} to replace it, "
-                f"or choose another {option('run_dir')}"
-            )
-        shutil.rmtree(run_dir)
-    elif run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
-    elif run_dir.is_file() or (
-        run_dir.is_dir()
-        and any(run_dir.iterdir())
-        # run.json is written first: a run killed while being set up has it, not config.toml
-        and not any((run_dir / name).exists() for name in (rd.CONFIG_FILE, rd.RUN_FILE))
-    ):
+    run = RunDir(run_dir)
+    if run.status() == Status.FINISHED and not overwrite:
         raise RunDirError(
-            f"{run_dir} exists and is not a run directory; choose another {option('run_dir')}"
+            f"{run.path} holds a finished run; pass {option('overwrite', True)} to replace it, "
+            f"or choose another {option('run_dir')}"
         )
-    return run_dir
+    # A run killed while being set up has a run.json of ours (written first), no config.toml.
+    if run.path.is_file() or not (run.is_empty() or run.is_ours()):
+        raise _not_a_run(run, overwrite)
+    return run.path
+
+
+def _not_a_run(run: RunDir, overwrite: bool) -> RunDirError:
+    only = f"{option('overwrite', True)} only replaces run directories; " if overwrite else ""
+    return RunDirError(
+        f"{run.path} exists and is not a run directory; {only}choose another {option('run_dir')}"
+    )
+
+
+def check_replaceable(run: RunDir, data: str | None) -> None:
+    """Refuses ``overwrite`` unless ``run`` is a run directory of ours without the corpus.
+
+    Args:
+        run: the directory ``overwrite`` would replace.
+        data: the corpus path given to training (None for the built-in one).
+    """
+    if not run.is_ours():
+        raise _not_a_run(run, overwrite=True)
+    if data is not None:
+        corpus, here = Path(data).resolve(), run.path.resolve()
+        if corpus == here or here in corpus.parents:
+            raise RunDirError(
+                f"{run.path} holds the corpus {data}; {option('overwrite', True)} would delete "
+                f"it: move the corpus out of the run directory or choose another "
+                f"{option('run_dir')}"
+            )
 
 
 # How the LSTM is computed, not what: the weights are the same, so a run may change them.
 SPEED_KEYS = {"model.fast_lstm", "model.matmul_dtype", "model.chains", "model.time_chunks"}
 
 
-def check_resume(run_dir: Path, cfg: Config, corpus: data_lib.Corpus) -> None:
-    """Refuses to resume a run whose model, data layout or corpus differ from this one."""
-    old_cfg, old_vocab = rd.load_run(run_dir)
+def check_resume(run: RunDir | str | Path, cfg: Config, corpus: data_lib.Corpus) -> None:
+    """Refuses to resume a run whose model, data layout or corpus differ from this one.
+
+    Args:
+        run: the run directory (a RunDir or its path).
+        cfg: the settings asked for now.
+        corpus: the corpus loaded now.
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    old_cfg, old_vocab = load_run(run.path)
     diffs = [
         f"{section}.{key}: {old!r} -> {new!r}"
         for section in ("data", "model")
         for key, old in old_cfg.to_dict()[section].items()
         if (new := cfg.to_dict()[section][key]) != old and f"{section}.{key}" not in SPEED_KEYS
     ]
-    old_digest = rd.read_run_info(run_dir).get("data", {}).get("sha256")
+    old_digest = run.info().get("data", {}).get("sha256")
     if old_digest and old_digest != corpus.digest:
         diffs.append(f"corpus: {corpus.source} is not the text the run started on")
     elif old_vocab != corpus.vocab:
@@ -87,62 +118,39 @@ def check_resume(run_dir: Path, cfg: Config, corpus: data_lib.Corpus) -> None:
         )
     if diffs:
         raise RunDirError(
-            f"cannot resume {run_dir}: it was started with different settings ("
+            f"cannot resume {run.path}: it was started with different settings ("
             + "; ".join(diffs)
             + f"); use the same settings, another {option('run_dir')}, "
             f"or {option('overwrite', True)}"
         )
 
 
-def truncate_history(path: Path, first_epoch: int) -> None:
-    """Drops CSV rows for epochs a resumed run will train again, so each epoch appears once.
+@contextlib.contextmanager
+def staged_replacement(run: RunDir):
+    """Yields a new, empty RunDir beside ``run``; on success it takes ``run``'s place.
 
-    Rows that do not parse (a line cut short by a crash) are dropped too.
+    The old run is deleted only after the new one is set up; if setting it up fails, the old
+    run is left as it was. Only a kill between the two renames below leaves the old run under
+    ``.<name>.replaced<pid>`` with nothing under its name.
     """
-    if not path.exists():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    kept = [rows[0]] + [
-        r for r in rows[1:] if len(r) == len(rows[0]) and _int(r[0]) in range(first_epoch)
-    ]
-    data_lib.write_text_atomic(_csv_text(kept), path)
-
-
-def _csv_text(rows) -> str:
-    out = io.StringIO()
-    csv.writer(out).writerows(rows)
-    return out.getvalue()
-
-
-def _int(text: str) -> int | None:
+    staged = RunDir(atomic.temp_path(run.path))
+    aside = run.path.with_name(f".{run.path.name}.replaced{os.getpid()}")
     try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def history_best(path: Path) -> tuple[float | None, int]:
-    """Returns (best val_loss, else best loss, number of epochs) from the CSV history.
-
-    CSVLogger writes ``NA`` in the val_* columns of a run without validation.
-    """
-    if not path.exists():
-        return None, 0
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for key in ("val_loss", "loss"):
-        losses = [v for r in rows if (v := _float(r.get(key))) is not None]
-        if losses:
-            return min(losses), len(rows)
-    return None, len(rows)
-
-
-def _float(text) -> float | None:
+        staged.path.mkdir()
+    except OSError as e:
+        raise atomic.storage_error(e, staged.path) from None
     try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+        yield staged
+        try:
+            os.rename(run.path, aside)
+            try:
+                os.rename(staged.path, run.path)
+            except OSError:
+                os.rename(aside, run.path)
+                raise
+        except OSError as e:
+            raise atomic.storage_error(e, run.path) from None
+    finally:
+        shutil.rmtree(staged.path, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+    logger.info("replaced the run in %s", run.path)

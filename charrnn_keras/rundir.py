@@ -7,35 +7,82 @@ Layout::
     <run>/vocab.json           the vocabulary
     <run>/checkpoints/best.weights.h5                best validation loss so far
     <run>/checkpoints/i{step}_l{units}_v{val}.weights.h5   periodic (train.checkpoint_every)
-    <run>/backup/              Keras BackupAndRestore state (deleted when the run finishes)
-    <run>/history.csv          one row per epoch
+    <run>/backup/              the training backup (kept until the run is finished)
+    <run>/history.csv          one row per whole epoch
     <run>/logs/                TensorBoard
+    <run>/train.lock           held by the `charrnn train` using the run; holds its pid
+
+Every file is written through ``atomic``, so a kill never leaves half a file under its name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import errno
+import fcntl
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+from charrnn_keras import atomic
+from charrnn_keras import history as history_csv
 from charrnn_keras.config import Config, ConfigError, load_config
 from charrnn_keras.errors import RunDirError, option
-from charrnn_keras.vocab import VOCAB_FILE, Vocab
+from charrnn_keras.vocab import Vocab
 
 CONFIG_FILE = "config.toml"
 RUN_FILE = "run.json"
+VOCAB_FILE = "vocab.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST = "best.weights.h5"
 BACKUP_DIR = "backup"
 HISTORY = "history.csv"
 LOGS = "logs"
-_PERIODIC = re.compile(r"i(\d+)_l\d+_v[\d.]+(nan|inf)?\.weights\.h5$")
-# Temporary names of atomic writes: CharRNN.save_weights and backup.RunBackup.
-_TEMP = re.compile(r"\..+\.tmp(\d+)(\.weights\.h5|\.part)$")
+LOCK_FILE = "train.lock"
 
 logger = logging.getLogger(__name__)
+
+
+class Status(enum.StrEnum):
+    """A run's state in run.json; only FINISHED runs are never resumed."""
+
+    RUNNING = "running"  # being trained, or killed while it was
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: resumable
+    FAILED = "failed"  # the loss became non-finite: resumable from the last finite epoch
+    STOPPED = "stopped"  # train.max_minutes ran out: resumable with a new budget
+    FINISHED = "finished"  # every epoch trained; the backup is gone
+
+
+# Periodic checkpoints: one format to write and one pattern to read it back. ``{loss:.3f}``
+# spells a non-finite loss "nan", "inf" or "-inf", which the pattern accepts too.
+_PERIODIC_FORMAT = "i{step}_l{units}_v{loss:.3f}.weights.h5"
+_PERIODIC = re.compile(
+    r"i(?P<step>\d+)_l(?P<units>\d+)_v(?P<loss>-?(?:\d+\.\d+|nan|inf))\.weights\.h5"
+)
+
+
+def checkpoint_name(step: int, units: int, loss: float) -> str:
+    """Returns the file name of the periodic checkpoint of ``step``.
+
+    Args:
+        step: training steps since the run began.
+        units: ``model.rnn_size``.
+        loss: the validation (or training) loss at that step; may be non-finite.
+
+    Returns:
+        ``i{step}_l{units}_v{loss:.3f}.weights.h5``.
+    """
+    return _PERIODIC_FORMAT.format(step=step, units=units, loss=float(loss))
+
+
+def checkpoint_step(name: str) -> int | None:
+    """Returns the step of a periodic checkpoint's file name, or None for any other name."""
+    m = _PERIODIC.fullmatch(name)
+    return int(m.group("step")) if m else None
 
 
 def read_run_info(run_dir: str | Path) -> dict:
@@ -44,12 +91,16 @@ def read_run_info(run_dir: str | Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(info, dict) else "not a JSON object"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = str(e)
+    if problem is not None:
         raise RunDirError(
-            f"{path} is damaged ({e}); it should be JSON written by training: restore it "
-            f"from a copy, or pass {option('overwrite', True)} to start the run again"
-        ) from None
+            f"{path} is damaged ({problem}); it should be JSON written by training: restore "
+            f"it from a copy, or pass {option('overwrite', True)} to start the run again"
+        )
+    return info
 
 
 def load_run(run_dir: str | Path) -> tuple[Config, Vocab]:
@@ -76,8 +127,8 @@ def load_run(run_dir: str | Path) -> tuple[Config, Vocab]:
 def periodic_checkpoints(run_dir: str | Path) -> list[Path]:
     """Returns the run's periodic checkpoints, oldest step first."""
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("i*.weights.h5")
-             if (m := _PERIODIC.match(p.name))]  # fmt: skip
+    found = [(step, p) for p in ckpt_dir.glob("i*.weights.h5")
+             if (step := checkpoint_step(p.name)) is not None]  # fmt: skip
     return [p for _, p in sorted(found)]
 
 
@@ -125,35 +176,125 @@ def load_weights(model, path: str | Path) -> None:
         ) from None
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Deletes temporary files that killed processes left behind in ``directory``.
+class RunDir:
+    """One run directory: its paths, its status in run.json, its history and its lock.
 
-    Weights and backups are written under a temporary name carrying the writer's process id,
-    then renamed; a process killed in between leaves the temporary file. Files of processes
-    that are still running are kept.
-
-    Returns:
-        The deleted files.
+    Args:
+        path: the directory (it need not exist yet).
     """
-    directory = Path(directory)
-    removed = []
-    for path in directory.iterdir() if directory.is_dir() else ():
-        m = _TEMP.match(path.name)
-        if m and path.is_file() and not _alive(int(m.group(1))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-            logger.info("removed %s, left by an interrupted write", path)
-    return removed
 
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_file = self.path / CONFIG_FILE
+        self.run_file = self.path / RUN_FILE
+        self.vocab_file = self.path / VOCAB_FILE
+        self.checkpoints = self.path / CHECKPOINT_DIR
+        self.best = self.checkpoints / BEST
+        self.backup = self.path / BACKUP_DIR
+        self.history = self.path / HISTORY
+        self.logs = self.path / LOGS
+        self.lock_file = self.path / LOCK_FILE
 
-def _alive(pid: int) -> bool:
-    """Whether another process with this id is running (ids are reused, e.g. in containers)."""
-    if pid == os.getpid():
-        return False  # called while setting up, when this process has no write in flight
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process: alive
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def info(self) -> dict:
+        """Returns run.json's contents, or {} if there is none yet."""
+        return read_run_info(self.path)
+
+    def status(self) -> Status | None:
+        """Returns the recorded status, or None if the run has none (or one we do not know)."""
+        try:
+            return Status(self.info().get("status"))
+        except ValueError:
+            return None
+
+    def is_ours(self) -> bool:
+        """Whether the directory was written by ``charrnn train`` (a run.json or config.toml of
+        ours); anything else must never be replaced."""
+        try:
+            if self.status() is not None:
+                return True
+        except RunDirError:
+            pass
+        try:
+            load_config(self.config_file)
+        except (ConfigError, OSError):
+            return False
         return True
-    return True
+
+    def is_empty(self) -> bool:
+        """Whether the directory is missing or holds nothing (a lock file of ours aside)."""
+        if not self.path.is_dir():
+            return not self.path.exists()
+        return all(p.name == LOCK_FILE for p in self.path.iterdir())
+
+    def create(self, cfg: Config, vocab: Vocab, info: dict) -> None:
+        """Writes a new run's files: run.json, vocab.json, then config.toml.
+
+        config.toml is written last: its presence means "resume", and resuming needs the
+        other two.
+        """
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.write_info(info)
+        vocab.save(self.vocab_file)
+        atomic.write_text(self.config_file, cfg.to_toml())
+
+    def write_info(self, info: dict) -> None:
+        """Replaces run.json with ``info``."""
+        atomic.write_json(self.run_file, info)
+
+    def record(self, status: Status, **facts) -> dict:
+        """Sets the status in run.json, with ``facts`` to add or update; returns the new info."""
+        info = {**self.info(), **facts, "status": Status(status)}
+        self.write_info(info)
+        return info
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Deletes temporary files left by killed writers; returns them."""
+        return [p for d in (self.path, self.checkpoints, self.backup)
+                for p in atomic.remove_stale(d)]  # fmt: skip
+
+    def remove_checkpoints_after(self, step: int) -> list[Path]:
+        """Deletes periodic checkpoints of steps after ``step`` (to be trained again)."""
+        removed = [p for p in periodic_checkpoints(self.path) if checkpoint_step(p.name) > step]
+        for path in removed:
+            path.unlink(missing_ok=True)
+            logger.info("removed %s: its step is trained again", path.name)
+        return removed
+
+    def truncate_history(self, first_epoch: int) -> None:
+        """Keeps the history rows of epochs before ``first_epoch``, so each epoch appears once."""
+        history_csv.truncate(self.history, first_epoch)
+
+    def history_best(self) -> tuple[float | None, int]:
+        """Returns (best val_loss, else best loss, number of epochs) from the history."""
+        return history_csv.best(self.history)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Holds the run's lock, so that one ``charrnn train`` at a time uses the directory.
+
+        The lock is an ``flock`` on train.lock, released by the kernel when the process ends
+        however it ends, so a killed run never leaves its directory locked.
+        """
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise atomic.storage_error(e, self.lock_file) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise atomic.storage_error(e, self.lock_file) from None
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                raise RunDirError(
+                    f"{self.path} is in use by another charrnn train (pid {holder}); wait for "
+                    f"it to end or stop it, or choose another {option('run_dir')}"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the last descriptor releases the flock

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from charrnn_keras import atomic
 from charrnn_keras.errors import VocabError
 
-VOCAB_FILE = "vocab.json"
-
-
-__all__ = ["VOCAB_FILE", "Vocab", "VocabError", "format_chars"]
+__all__ = ["Vocab", "VocabError", "format_chars"]
 
 
 class Vocab:
@@ -103,10 +100,7 @@ class Vocab:
 
     def save(self, path: str | Path) -> None:
         """Writes the vocabulary as JSON, atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:

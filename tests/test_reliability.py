@@ -10,6 +10,7 @@ left a consistent run directory.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -25,10 +26,10 @@ import keras
 import pytest
 from conftest import TINY_CONFIG, TINY_TEXT
 
-from charrnn_keras import cli, rundir
+from charrnn_keras import atomic, cli, rundir
 from charrnn_keras import train as train_mod
 from charrnn_keras.config import load_config
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import CharRNNError, TrainingStopped
 from charrnn_keras.model import build_model
 from charrnn_keras.rundir import RunDirError
 
@@ -37,6 +38,7 @@ EPOCHS = 2  # the crash tests kill in the last epoch (index 1), after one epoch 
 # Runs `charrnn train ARGS` and sends itself SIGNAL at POINT of epoch AT (0-based). Everything
 # else is the real command; the hooks only observe, except the one that kills.
 DRIVER = textwrap.dedent("""
+    import functools
     import os
     import signal
     import sys
@@ -66,15 +68,7 @@ DRIVER = textwrap.dedent("""
                 die()
 
 
-    make_callbacks = train._callbacks
-
-
-    def with_killer(*args, **kwargs):
-        callbacks, budget = make_callbacks(*args, **kwargs)
-        return [Killer(), *callbacks], budget
-
-
-    train._callbacks = with_killer
+    train.train = functools.partial(train.train, extra_callbacks=[Killer()])
     save_weights = keras.Model.save_weights
 
 
@@ -141,17 +135,13 @@ def _train_recording(monkeypatch, argv, extra_callbacks=()):
         def on_epoch_begin(self, epoch, logs=None):
             trained.append(epoch)
 
-    make_callbacks = train_mod._callbacks
-
-    def with_recorder(*args, **kwargs):
-        callbacks, budget = make_callbacks(*args, **kwargs)
-        return [Recorder(), *extra_callbacks, *callbacks], budget
-
-    monkeypatch.setattr(train_mod, "_callbacks", with_recorder)
+    original = train_mod.train
+    callbacks = [Recorder(), *extra_callbacks]
+    monkeypatch.setattr(train_mod, "train", functools.partial(original, extra_callbacks=callbacks))
     try:
         return cli.main(argv), trained
     finally:
-        monkeypatch.setattr(train_mod, "_callbacks", make_callbacks)
+        monkeypatch.setattr(train_mod, "train", original)
 
 
 def _epochs(run: Path) -> list[int]:
@@ -249,14 +239,14 @@ def test_crash_between_history_row_and_backup_keeps_each_epoch_once(tmp_path, mo
 
 
 def test_crash_after_training_before_finished_trains_nothing_again(tmp_path, monkeypatch):
-    from charrnn_keras import data
+    from charrnn_keras import atomic
 
     run = tmp_path / "run"
-    original = _crash_at(monkeypatch, data, "dump_json",
-                         when=lambda obj, path: obj.get("status") == "finished")  # fmt: skip
+    original = _crash_at(monkeypatch, atomic, "write_json",
+                         when=lambda path, obj: obj.get("status") == "finished")  # fmt: skip
     with pytest.raises(_Crash):
         cli.main(_args(tmp_path))
-    monkeypatch.setattr(data, "dump_json", original)
+    monkeypatch.setattr(atomic, "write_json", original)
     best = (run / "checkpoints" / "best.weights.h5").read_bytes()
     status, trained = _train_recording(monkeypatch, _args(tmp_path))
     assert status == 0
@@ -311,7 +301,7 @@ class _PoisonWeights(keras.callbacks.Callback):
 def test_nan_loss_keeps_the_last_finite_backup(tmp_path, monkeypatch, capsys):
     # Keras backs up at every epoch end, NaN or not: the resume started from NaN weights.
     status, _ = _train_recording(monkeypatch, _args(tmp_path), [_PoisonWeights()])
-    assert status == 2
+    assert status == TrainingStopped.exit_code  # 1: not a usage error
     line = _one_error_line(capsys.readouterr().err)
     assert "loss became NaN" in line and "resume from epoch 2" in line, line
     status, trained = _train_recording(monkeypatch, _args(tmp_path))
@@ -644,7 +634,7 @@ def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
     names = {
         f".best.tmp{dead_pid}.weights.h5": False,  # CharRNN.save_weights, killed
         f"..latest.tmp{dead_pid}.tmp{dead_pid}.weights.h5": False,  # the same inside a backup
-        f".training_metadata.json.tmp{dead_pid}.part": False,  # RunBackup's metadata
+        f".training_metadata.json.tmp{dead_pid}": False,  # RunBackup's metadata
         f".best.tmp{os.getpid()}.weights.h5": False,  # an earlier process with our id
         f".best.tmp{live_pid}.weights.h5": True,  # a process still writing it
         "best.weights.h5": True,
@@ -652,7 +642,140 @@ def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
     }
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    removed = rundir.remove_stale_temps(tmp_path)
+    removed = atomic.remove_stale(tmp_path)
     assert sorted(p.name for p in removed) == sorted(n for n, kept in names.items() if not kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, k in names.items() if k)
-    assert rundir.remove_stale_temps(tmp_path / "missing") == []
+    assert atomic.remove_stale(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite replaces only a run of ours, and only once the new one is ready
+
+
+def _snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_overwrite_with_a_bad_corpus_keeps_the_finished_run(tiny_run, tmp_path, capsys):
+    # `--overwrite --data typo.txt` deleted the finished run before reading the corpus.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = _snapshot(run)
+    argv = _args(tmp_path, "--overwrite")
+    argv[argv.index("--data") + 1] = str(tmp_path / "typo.txt")
+    assert cli.main(argv) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(run) == before, "the old run is untouched"
+
+
+def test_overwrite_that_fails_while_setting_up_keeps_the_old_run(tiny_run, tmp_path, monkeypatch):
+    from charrnn_keras.errors import StorageError
+    from charrnn_keras.vocab import Vocab
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = _snapshot(run)
+    save = Vocab.save
+
+    def full_disk(self, path):
+        if Path(path).name == "vocab.json":
+            raise StorageError(f"cannot write {path}: the disk is full")
+        return save(self, path)
+
+    monkeypatch.setattr(Vocab, "save", full_disk)
+    assert cli.main(_args(tmp_path, "--overwrite")) == 1
+    assert _snapshot(run) == before, "the old run is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "run", "text.txt"]
+
+    monkeypatch.setattr(Vocab, "save", save)
+    status, trained = _train_recording(monkeypatch, _args(tmp_path, "--overwrite"))
+    assert status == 0 and trained == [0, 1], "a new run from epoch 1"
+    _assert_finished(run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "run", "text.txt"]
+
+
+@pytest.mark.parametrize("corpus_inside", [True, False], ids=["holds-corpus", "other-files"])
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys, corpus_inside):
+    # `--overwrite` deleted whatever directory --run-dir named (a home directory, the corpus').
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    argv = _args(tmp_path, "--overwrite")
+    if corpus_inside:
+        (folder / "text.txt").write_text(TINY_TEXT)
+        argv[argv.index("--data") + 1] = str(folder / "text.txt")
+    before = _snapshot(folder)
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{folder} exists and is not a run directory" in line, line
+    assert "--overwrite only replaces run directories" in line, line
+    assert _snapshot(folder) == before
+
+
+def test_overwrite_refuses_a_run_directory_holding_the_corpus(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "corpus").mkdir()
+    (run / "corpus" / "text.txt").write_text(TINY_TEXT)
+    before = _snapshot(run)
+    argv = _args(tmp_path, "--overwrite")
+    argv[argv.index("--data") + 1] = str(run / "corpus")
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{run} holds the corpus {run / 'corpus'}; --overwrite would delete it" in line, line
+    assert _snapshot(run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per run directory; a resume leaves no trace of the steps it trains again
+
+
+def test_second_train_on_a_run_in_use_is_refused_naming_the_pid(
+    three_epoch_backup, tmp_path, capsys
+):
+    _copy(three_epoch_backup, tmp_path)
+    run = tmp_path / "run"
+    before = _snapshot(run)
+    with rundir.RunDir(run).lock():  # what a running `charrnn train` holds
+        assert cli.main(_args(tmp_path, "--set", "train.epochs=3")) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"{run} is in use by another charrnn train (pid {os.getpid()})" in line, line
+        after = _snapshot(run)
+    assert after == before, "the refused process changed nothing"
+
+
+def test_resume_removes_periodic_checkpoints_of_steps_trained_again(
+    three_epoch_backup, tmp_path, monkeypatch
+):
+    # Checkpoints saved after the backup (in the epoch a kill cut short) kept their names and
+    # the resumed run's later ones sat beside them, the latest step no longer the newest file.
+    _copy(three_epoch_backup, tmp_path)
+    ckpt = tmp_path / "run" / "checkpoints"
+    kept, stale = ckpt / "i1_l16_v2.000.weights.h5", ckpt / "i1000000_l16_vnan.weights.h5"
+    shutil.copyfile(ckpt / "best.weights.h5", kept)
+    shutil.copyfile(ckpt / "best.weights.h5", stale)
+    status, trained = _train_recording(monkeypatch, _args(tmp_path, "--set", "train.epochs=3"))
+    assert status == 0 and trained == [2]
+    assert kept.exists() and not stale.exists()
+
+
+def test_backup_must_be_restored_before_fit(tmp_path):
+    # On Keras' public API the resume point reaches fit only as initial_epoch: a backup not
+    # restored first would let fit start at epoch 0 over a backup of later epochs.
+    from charrnn_keras.backup import RunBackup
+
+    with pytest.raises(ValueError, match="backup_dir must name a directory, received: ''"):
+        RunBackup("")
+    cfg = load_config(TINY_CONFIG)
+    model = build_model(cfg.model, 12, 2, 4)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x = keras.ops.zeros((2, 4), dtype="int32")
+    with pytest.raises(RuntimeError, match="call RunBackup.restore"):
+        model.fit(x, x, batch_size=2, epochs=1, verbose=0, callbacks=[RunBackup(tmp_path / "b")])
+    backup = RunBackup(tmp_path / "b")
+    backup.set_model(model)
+    assert backup.restore() == 0
+    model.fit(x, x, batch_size=2, epochs=1, verbose=0, callbacks=[backup])
+    assert backup.saved_epoch == 1
+    assert json.loads((tmp_path / "b" / "training_metadata.json").read_text()) == {"epoch": 1}

@@ -230,3 +230,98 @@ def test_interrupted_run_resumes_at_the_right_epoch(tmp_path):
     assert "Epoch 1/" not in resumed.stdout
     epochs = [int(r["epoch"]) for r in _history(run)]
     assert epochs == list(range(done_epochs + 2))
+
+
+def test_periodic_checkpoint_names_are_parsed_back_even_for_non_finite_losses(tmp_path):
+    # The name was written with f"{loss:.3f}" ("nan", "inf") but parsed with [\d.]+: a
+    # checkpoint saved at a NaN loss was invisible to find_checkpoint.
+    from charrnn_keras import rundir
+
+    losses = {5: 1.5, 10: math.nan, 20: math.inf, 30: -math.inf}
+    names = [rundir.checkpoint_name(step, 16, loss) for step, loss in losses.items()]
+    assert names[1] == "i10_l16_vnan.weights.h5" and names[2] == "i20_l16_vinf.weights.h5"
+    assert [rundir.checkpoint_step(n) for n in names] == list(losses)
+    assert rundir.checkpoint_step("best.weights.h5") is None
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    for name in reversed(names):
+        (ckpt / name).write_bytes(b"x")
+    assert [p.name for p in rundir.periodic_checkpoints(tmp_path)] == names
+    assert rundir.find_checkpoint(tmp_path).name == names[-1]
+
+
+class _Clock:
+    """Stands in for the clock TimeBudget reads; a callback moves it on, so no test waits."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+
+class _SpendBudget(keras.callbacks.Callback):
+    """Moves the clock past the budget after the second step of epoch ``at``."""
+
+    def __init__(self, clock, at, minutes):
+        super().__init__()
+        self.clock, self.at, self.minutes = clock, at, minutes
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._epoch == self.at and batch == 1:
+            self.clock.now += self.minutes * 60 + 1
+
+
+def _tensorboard_steps(run_dir, tag="epoch_loss"):
+    import tensorflow as tf
+
+    steps = []
+    for path in sorted((run_dir / "logs" / "train").glob("events.out.tfevents*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return sorted(steps)
+
+
+def test_time_budget_stop_is_resumable_and_records_whole_epochs_only(
+    tmp_path, tiny_text_file, monkeypatch
+):
+    # A spent train.max_minutes marked the run finished and deleted its backup, and the epoch
+    # it cut short was recorded as a whole one in history.csv, run.json and TensorBoard.
+    import json
+
+    from charrnn_keras import callbacks
+    from charrnn_keras.train import train
+
+    clock = _Clock()
+    monkeypatch.setattr(callbacks, "time", clock)
+    run = tmp_path / "run"
+    cfg = load_config(TINY_CONFIG, ["train.epochs=3", "train.max_minutes=1",
+                                    "train.sample_chars=0"])  # fmt: skip
+    result = train(cfg, data=str(tiny_text_file), run_dir=run, verbose=0,
+                   extra_callbacks=[_SpendBudget(clock, at=1, minutes=1)])  # fmt: skip
+    assert "run the same command again to continue from epoch 2" in result.stopped_early
+    assert result.epochs_done == 1
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "stopped" and info["epochs_done"] == 1
+    assert [int(r["epoch"]) for r in _history(run)] == [0], "the cut-short epoch is not recorded"
+    meta = json.loads((run / "backup" / "training_metadata.json").read_text())
+    assert meta["epoch"] == 1, "the backup holds the last whole epoch"
+    assert _tensorboard_steps(run) == [0]
+
+    trained = []
+
+    class Recorder(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            trained.append(epoch)
+
+    result = train(cfg, data=str(tiny_text_file), run_dir=run, verbose=0,
+                   extra_callbacks=[Recorder()])  # fmt: skip
+    assert trained == [1, 2], "the same command continues with the cut-short epoch"
+    assert result.stopped_early == "" and result.epochs_done == 3
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert [int(r["epoch"]) for r in _history(run)] == [0, 1, 2]
+    assert not (run / "backup").exists()
+    assert _tensorboard_steps(run) == [0, 1, 2], "each epoch once in TensorBoard"
