@@ -24,6 +24,7 @@ from charrnn_keras.vocab import Vocab, format_chars
 logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin:stdlib"
+BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8: a byte-order mark, not text
 
 
 @dataclass
@@ -61,6 +62,18 @@ def _decode(raw: bytes, name: str) -> np.ndarray:
             f"convert it first, e.g. iconv -f latin1 -t utf-8"
         ) from None
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _strip_bom(raw: bytes, name) -> bytes:
+    """Drops a UTF-8 byte-order mark at the start of a file, as the ``utf-8-sig`` codec does.
+
+    Editors on Windows write one; kept, it would become a character of the vocabulary (and
+    take ASCII text off ``_decode``'s one-byte fast path).
+    """
+    if not raw.startswith(BOM):
+        return raw
+    logger.info("%s: stripped the UTF-8 byte-order mark at its start", name)
+    return raw[len(BOM) :]
 
 
 def _list_files(path: Path) -> list[Path]:
@@ -119,10 +132,10 @@ def read_raw(data: str | None, max_chars: int) -> tuple[bytes, str]:
     path = Path(data)
     files = _list_files(path)
     if len(files) == 1:
-        return _read_bytes(files[0]), str(path)
+        return _strip_bom(_read_bytes(files[0]), files[0]), str(path)
     chunks = []
     for f in files:
-        raw = _read_bytes(f)
+        raw = _strip_bom(_read_bytes(f), f)
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
