@@ -218,7 +218,7 @@ def load_sampling_model(run_dir, checkpoint=None):
     cfg, vocab = rundir.load_run(run_dir)
     path = rundir.find_checkpoint(run_dir, checkpoint)
     model = model_lib.build_model(cfg.model, len(vocab), batch_size=1, seq_length=1)
-    rundir.load_weights(model, path)
+    rundir.load_weights(model, path, vocab)
     log.info("loaded %s", path)
     return model, cfg, vocab
 

@@ -8,14 +8,20 @@ uses so that a server holds no per-request state.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import math
 import os
+import shutil
 from pathlib import Path
 
+import h5py
 import keras
 
+from charrnn_keras import atomic
 from charrnn_keras.config import ModelConfig, TrainConfig
 from charrnn_keras.fast_lstm import FastLSTM
+from charrnn_keras.vocab import Vocab
 
 _LAYERS = {
     "lstm": keras.layers.LSTM,
@@ -25,30 +31,100 @@ _LAYERS = {
 }
 
 
+# The HDF5 attribute of a weights file that names the vocabulary its ids belong to.
+VOCAB_ATTR = "charrnn_vocab_sha256"
+
+
+def vocab_fingerprint(vocab: Vocab) -> str:
+    """Returns the sha256 of a vocabulary's characters in id order (hex).
+
+    Two vocabularies of the same size give weights of the same shapes; only this tells
+    whether id 7 means the same character in both.
+
+    Args:
+        vocab: the vocabulary.
+
+    Returns:
+        64 hex digits.
+    """
+    return hashlib.sha256("".join(vocab.chars).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """Returns the vocabulary fingerprint stored in a weights file, or None if it has none.
+
+    Raises:
+        OSError: the file cannot be opened as HDF5.
+    """
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get(VOCAB_ATTR)
+    if value is None:
+        return None
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)
+
+
 class CharRNN(keras.Sequential):
-    """A Sequential whose weight files are written atomically.
+    """A Sequential whose weight files are written atomically and name their vocabulary.
 
     Every Keras callback that saves (ModelCheckpoint, BackupAndRestore) calls
     ``model.save_weights``, so doing the temporary-name-then-rename here means a crash or a
-    full disk never leaves half a checkpoint under the real name.
+    full disk never leaves half a checkpoint under the real name. ``vocab_sha256`` (set by
+    ``build_model``'s ``vocab``) is stored in every file as the ``VOCAB_ATTR`` attribute, so
+    that ``rundir.load_weights`` can refuse a checkpoint of another vocabulary.
     """
+
+    vocab_sha256: str | None = None
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
         path = Path(filepath)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists and overwrite=False")
-        tmp = path.with_name(
-            f".{path.name.removesuffix('.weights.h5')}.tmp{os.getpid()}.weights.h5"
-        )
-        try:
+        # h5py that meets a full disk raises inside destructors and the process dies by
+        # SIGSEGV, so a file that cannot fit must be refused before h5py starts writing.
+        _check_free_space(path, self.weights_file_bytes())
+        with atomic.replacing(path) as tmp:
             super().save_weights(tmp, overwrite=True, **kwargs)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            if self.vocab_sha256:
+                with h5py.File(tmp, "a") as f:
+                    f.attrs[VOCAB_ATTR] = self.vocab_sha256
+
+    def weights_file_bytes(self) -> int:
+        """Returns an upper estimate of the size of this model's weights file.
+
+        Keras stores the model's variables and the optimizer's; HDF5 adds a header and a
+        little per variable (measured: about 1 KiB; 2 KiB is allowed).
+        """
+        variables = list(self.variables)
+        optimizer = getattr(self, "optimizer", None)  # none before compile()
+        if optimizer is not None and optimizer.built:
+            variables += list(optimizer.variables)
+        data = sum(math.prod(v.shape) * _dtype_bytes(v.dtype) for v in variables)
+        return data + 2048 * len(variables) + 16384
+
+
+def _dtype_bytes(dtype) -> int:
+    digits = "".join(c for c in str(dtype) if c.isdigit())
+    return max(int(digits) // 8, 1) if digits else 8
+
+
+def _check_free_space(path: Path, needed: int) -> None:
+    """Raises StorageError (ENOSPC) when ``path``'s folder has less than ``needed`` bytes free."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return  # a missing folder: the write itself reports it
+    if free < needed:
+        e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise atomic.storage_error(e, path)
 
 
 def build_model(
-    cfg: ModelConfig, vocab_size: int, batch_size: int, seq_length: int, name: str = "charrnn"
+    cfg: ModelConfig,
+    vocab_size: int,
+    batch_size: int,
+    seq_length: int,
+    name: str = "charrnn",
+    vocab: Vocab | None = None,
 ) -> keras.Sequential:
     """Builds the stateful character model.
 
@@ -58,6 +134,8 @@ def build_model(
         batch_size: fixed batch size; stateful layers keep one state row per batch row.
         seq_length: time steps per call (1 for the sampling model).
         name: the model's name.
+        vocab: the run's vocabulary (``vocab_size`` characters): its fingerprint goes into
+            every weights file the model saves. None writes files without one.
 
     Returns:
         A built ``CharRNN`` (a ``keras.Sequential``) whose outputs are logits
@@ -65,6 +143,10 @@ def build_model(
     """
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be at least 1, got vocab_size={vocab_size}")
+    if vocab is not None and len(vocab) != vocab_size:
+        raise ValueError(
+            f"vocab has {len(vocab)} characters but vocab_size={vocab_size}; they must agree"
+        )
     layers = [
         keras.Input(batch_shape=(batch_size, seq_length), dtype="int32", name="char_ids"),
         # N(0, 1) as in torch.nn.Embedding: Keras' default uniform(+-0.05) leaves the LSTM
@@ -81,7 +163,10 @@ def build_model(
         if cfg.dropout > 0:
             layers.append(keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}"))
     layers.append(keras.layers.Dense(vocab_size, name="logits"))
-    return CharRNN(layers, name=name)
+    model = CharRNN(layers, name=name)
+    if vocab is not None:
+        model.vocab_sha256 = vocab_fingerprint(vocab)
+    return model
 
 
 def _recurrent_layer(cfg: ModelConfig, name: str) -> keras.layers.RNN:

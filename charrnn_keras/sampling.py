@@ -116,7 +116,7 @@ class Sampler:
         cfg, vocab = rundir.load_run(run_dir)
         path = rundir.find_checkpoint(run_dir, checkpoint)
         sampler = cls(cfg.model, vocab)
-        rundir.load_weights(sampler.model, path)
+        rundir.load_weights(sampler.model, path, vocab)
         logger.debug("sampling with %s", path)
         return sampler
 

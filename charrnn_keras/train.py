@@ -136,7 +136,9 @@ def train(
         len(corpus.vocab),
         steps,
     )
-    model = build_model(cfg.model, len(corpus.vocab), d.batch_size, d.seq_length)
+    model = build_model(
+        cfg.model, len(corpus.vocab), d.batch_size, d.seq_length, vocab=corpus.vocab
+    )
     compile_model(model, cfg.train)
     # Restored before fit, so that the history and the best checkpoint's threshold match the
     # epoch actually resumed from (the previous epoch's copy, if the newest is damaged).
