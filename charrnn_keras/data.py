@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from charrnn_keras import atomic
 from charrnn_keras.errors import DataError
 from charrnn_keras.vocab import Vocab, format_chars
 
@@ -183,12 +184,20 @@ def load_corpus(data: str | None, max_chars: int, cache_dir: str | Path | None) 
             logger.warning("ignoring damaged corpus cache %s: %s", cached[0], e)
     vocab, ids = Vocab.from_codepoints(_decode(raw, source))
     if cached:
-        cached[0].parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached[0].with_name(cached[0].name + ".tmp.npy")
-        np.save(tmp, ids, allow_pickle=False)
-        os.replace(tmp, cached[0])
-        vocab.save(cached[1])
+        _write_cache(cached, ids, vocab)
     return Corpus(ids, vocab, source, digest)
+
+
+def _write_cache(paths: tuple[Path, Path], ids: np.ndarray, vocab: Vocab) -> None:
+    """Writes the encoded corpus and its vocabulary atomically; StorageError if it cannot."""
+    folder = paths[0].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise atomic.storage_error(e, folder / paths[0].name) from None
+    with atomic.replacing(paths[0]) as tmp, open(tmp, "wb") as f:
+        np.save(f, ids, allow_pickle=False)  # a file object: np.save would add ".npy" to a name
+    atomic.write_text(paths[1], vocab.to_json())
 
 
 def _cache_paths(cache_dir, digest):

@@ -12,17 +12,22 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
+import keras
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, TINY_TEXT, our_stderr
+from conftest import REPO, TINY_CONFIG, TINY_TEXT, our_stderr
 
 from charrnn_keras import cli, rundir
+from charrnn_keras import data as data_lib
 from charrnn_keras import model as model_lib
 from charrnn_keras import train as train_mod
-from charrnn_keras.errors import RunDirError
+from charrnn_keras.config import load_config
+from charrnn_keras.errors import RunDirError, StorageError
 from charrnn_keras.vocab import Vocab
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write to a full disk raises
@@ -119,3 +124,136 @@ def test_checkpoint_without_a_fingerprint_still_loads(tiny_run, tmp_path):
     rundir.load_weights(reference, rundir.find_checkpoint(tiny_run), vocab)
     for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 14: full and read-only disks (injected)
+
+
+def test_full_corpus_cache_is_a_storage_error_and_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "text.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    cache = tmp_path / "cache"
+    save = np.save
+
+    def save_then_fill_the_disk(file, arr, *args, **kwargs):
+        save(file, arr[:10], *args, **kwargs)  # part of the file, then the disk is full
+        raise ENOSPC
+
+    monkeypatch.setattr(data_lib.np, "save", save_then_fill_the_disk)
+    with pytest.raises(StorageError, match=f"{cache} is full") as e:
+        data_lib.load_corpus(str(path), 10**6, cache)
+    assert "\n" not in str(e.value)
+    assert list(cache.iterdir()) == [], "no temporary and no half-written cache left"
+
+
+def test_weights_write_on_a_full_disk_is_a_storage_error(tmp_path, monkeypatch):
+    model = model_lib.build_model(load_config(TINY_CONFIG).model, 15, 1, 1)
+    best = tmp_path / "best.weights.h5"
+    model.save_weights(best)
+    before = best.read_bytes()
+
+    def write_part_then_fail(self, filepath, *args, **kwargs):
+        Path(filepath).write_bytes(b"\x89HDF\r\n\x1a\n")
+        raise ENOSPC
+
+    monkeypatch.setattr(keras.Model, "save_weights", write_part_then_fail)
+    with pytest.raises(StorageError, match=f"{tmp_path} is full"):
+        model.save_weights(best)
+    assert best.read_bytes() == before, "the previous checkpoint is kept whole"
+    assert _temps(tmp_path) == []
+
+
+def test_weights_that_cannot_fit_are_refused_before_hdf5_writes(tmp_path, monkeypatch):
+    # h5py meeting a full disk raises in destructors and the process dies by SIGSEGV (139).
+    model = model_lib.build_model(load_config(TINY_CONFIG).model, 15, 1, 1)
+    written = []
+    monkeypatch.setattr(keras.Model, "save_weights", lambda *a, **k: written.append(a))
+    usage = shutil.disk_usage(tmp_path)
+    small = usage._replace(free=model.weights_file_bytes() - 1)
+    monkeypatch.setattr(model_lib.shutil, "disk_usage", lambda path: small)
+    with pytest.raises(StorageError, match="is full"):
+        model.save_weights(tmp_path / "best.weights.h5")
+    assert written == []
+
+
+def test_backup_copy_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    copyfile = shutil.copyfile
+
+    def fail_in_backup(src, dst, *args, **kwargs):
+        if Path(dst).parent.name == "backup":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return copyfile(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", fail_in_backup)
+    run = tmp_path / "run"
+    assert cli.main(_train_args(tmp_path, run, "train.epochs=2")) == StorageError.exit_code
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert f"{run / 'backup'} is full" in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 14: full and read-only disks (real, on a tmpfs)
+
+
+@pytest.fixture
+def tmpfs():
+    """Mounts a tmpfs: ``mount(path, size, read_only=False)``; skips where mount is refused."""
+    mounted = []
+
+    def mount(path: Path, size: str, read_only: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "charrnn_keras.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_training_onto_a_full_disk_is_one_line(tmp_path, tmpfs):
+    # Two 660 KB checkpoints fill 2 MB: h5py met the full disk and the process died by SIGSEGV.
+    disk = tmpfs(tmp_path / "disk", "2m")
+    run = disk / "run"
+    args = _train_args(tmp_path, run, "model.rnn_size=64", "train.epochs=6")
+    done = _cli(*args, cwd=tmp_path)
+    assert done.returncode == StorageError.exit_code, done.stderr
+    line = _one_error_line(done.stderr, "train")
+    assert "is full (" in line and "MiB free)" in line, line
+    assert _temps(disk) == []
+
+
+def test_read_only_run_dir_is_one_line(tmp_path, tmpfs):
+    run = tmpfs(tmp_path / "run", "1m", read_only=True)
+    done = _cli(*_train_args(tmp_path, run), cwd=tmp_path)
+    assert done.returncode == StorageError.exit_code, done.stderr
+    line = _one_error_line(done.stderr, "train")
+    assert f"Read-only file system; make {run} writable" in line, line
+
+
+@pytest.mark.parametrize(
+    "size, read_only, expected",
+    [("1m", True, "Read-only file system; make {disk} writable"), ("100k", False, "is full (")],
+    ids=["read-only", "full"],
+)
+def test_export_to_a_read_only_or_full_dir_is_one_line(
+    tiny_run, tmp_path, tmpfs, size, read_only, expected
+):
+    # A full disk gave a ResourceExhaustedError traceback.
+    disk = tmpfs(tmp_path / "disk", size, read_only)
+    done = _cli("export", "--run-dir", str(tiny_run), "--export-dir", str(disk), cwd=tmp_path)
+    assert done.returncode == StorageError.exit_code, done.stderr
+    line = _one_error_line(done.stderr, "export")
+    assert expected.format(disk=disk) in line, line
+    assert _temps(disk) == []
