@@ -10,6 +10,7 @@ that a full disk raises.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from charrnn_keras import data as data_lib
 from charrnn_keras import model as model_lib
 from charrnn_keras import train as train_mod
 from charrnn_keras.config import load_config
-from charrnn_keras.errors import RunDirError, StorageError
+from charrnn_keras.errors import RunDirError, StorageError, TrainingStopped
 from charrnn_keras.vocab import Vocab
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write to a full disk raises
@@ -124,6 +125,30 @@ def test_checkpoint_without_a_fingerprint_still_loads(tiny_run, tmp_path):
     rundir.load_weights(reference, rundir.find_checkpoint(tiny_run), vocab)
     for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 11: a NaN loss while a sample is written after every epoch
+
+
+class _PoisonWeights(keras.callbacks.Callback):
+    """Makes the loss NaN in the middle of the first epoch, as a diverging run would."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 2:
+            kernel = self.model.get_layer("logits").kernel
+            kernel.assign(kernel * math.nan)
+
+
+def test_nan_loss_with_samples_on_stops_with_one_line(tmp_path, monkeypatch, capsys, caplog):
+    # The per-epoch sample ran on the NaN weights and crashed with an 85-line traceback.
+    _with_callbacks(monkeypatch, _PoisonWeights())
+    args = _train_args(tmp_path, tmp_path / "run", "train.sample_chars=20")
+    with caplog.at_level("WARNING", logger="charrnn_keras.callbacks"):
+        assert cli.main(args) == TrainingStopped.exit_code
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "loss became NaN" in line, line
+    assert "epoch 1: loss is nan; no sample from these weights" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
