@@ -22,7 +22,7 @@ from charrnn_keras.backup import RunBackup
 from charrnn_keras.callbacks import PeriodicCheckpoint, ResetStates, SampleText, TimeBudget
 from charrnn_keras.config import Config, TrainConfig
 from charrnn_keras.errors import Interrupted, TrainingStopped
-from charrnn_keras.model import build_model, compile_model
+from charrnn_keras.model import build_model, check_fits, compile_model
 from charrnn_keras.resume import check_resume, history_best, resolve_run_dir, truncate_history
 from charrnn_keras.sampling import Sampler
 from charrnn_keras.vocab import VOCAB_FILE, Vocab
@@ -107,6 +107,7 @@ def train(
     d = cfg.data
     data_lib.check_vocab(corpus)
     data_lib.check_size(len(corpus.ids), d.batch_size, d.seq_length, d.val_fraction)
+    check_fits(cfg, len(corpus.vocab))  # before the run directory exists: nothing half made
     resuming = (run_dir / rd.CONFIG_FILE).exists()
     if resuming:
         check_resume(run_dir, cfg, corpus)

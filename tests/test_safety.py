@@ -27,8 +27,8 @@ from charrnn_keras import cli, rundir
 from charrnn_keras import data as data_lib
 from charrnn_keras import model as model_lib
 from charrnn_keras import train as train_mod
-from charrnn_keras.config import load_config
-from charrnn_keras.errors import RunDirError, StorageError, TrainingStopped
+from charrnn_keras.config import Config, ModelConfig, load_config
+from charrnn_keras.errors import ConfigError, RunDirError, StorageError, TrainingStopped
 from charrnn_keras.vocab import Vocab
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write to a full disk raises
@@ -149,6 +149,58 @@ def test_nan_loss_with_samples_on_stops_with_one_line(tmp_path, monkeypatch, cap
     line = _one_error_line(capsys.readouterr().err, "train")
     assert "loss became NaN" in line, line
     assert "epoch 1: loss is nan; no sample from these weights" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 13: sizes the machine cannot train
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"cell": "lstm"},
+        {"cell": "gru", "num_layers": 3},
+        {"cell": "rnn", "num_layers": 1, "embedding_dim": 5},
+        {"cell": "lstm", "fast_lstm": True, "rnn_size": 7},
+    ],
+    ids=["lstm", "gru", "rnn", "fast_lstm"],
+)
+def test_parameter_estimate_is_exact(settings):
+    cfg = ModelConfig(**{"embedding_dim": 8, "rnn_size": 16, "num_layers": 2, **settings})
+    built = model_lib.build_model(cfg, 23, 2, 4)
+    assert model_lib.estimate_params(cfg, 23) == built.count_params()
+
+
+def test_memory_check_refuses_with_the_estimate_and_what_to_lower():
+    cfg = Config()
+    cfg.model.rnn_size, cfg.data.batch_size = 2048, 1  # the weights dominate
+    need = model_lib.estimate_memory(cfg, 80)
+    model_lib.check_fits(cfg, 80, memory=need)  # exactly enough: no error
+    with pytest.raises(ConfigError) as e:
+        model_lib.check_fits(cfg, 80, memory=need - 1)
+    assert f"{model_lib.estimate_params(cfg.model, 80):,} weights" in str(e.value)
+    assert "lower model.rnn_size or model.num_layers" in str(e.value)
+    cfg.data.batch_size, cfg.data.seq_length = 4096, 4096  # the activations dominate
+    with pytest.raises(ConfigError, match="lower data.batch_size or data.seq_length"):
+        model_lib.check_fits(cfg, 80, memory=2**30)
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ("model.rnn_size=1000000", "the model does not fit in memory: 12,000,"),
+        ("model.num_layers=100000", "model.num_layers = 100000 is more than 64"),
+    ],
+    ids=["rnn_size", "num_layers"],
+)
+def test_too_large_model_is_refused_before_the_run_dir_exists(tmp_path, capsys, setting, expected):
+    # rnn_size=1000000 died by OOM and left a run directory that then refused to resume;
+    # num_layers=100000 spent minutes building.
+    run = tmp_path / "run"
+    assert cli.main(_train_args(tmp_path, run, setting)) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert expected in line and "lower model." in line, line
+    assert not run.exists()
 
 
 # ---------------------------------------------------------------------------------------------
