@@ -269,6 +269,21 @@ def test_backup_copy_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     assert f"{run / 'backup'} is full" in line, line
 
 
+def test_export_to_a_forbidden_dir_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    # What a chmod'ed export dir gives a user who is not root (root ignores permissions).
+    from charrnn_keras import export
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), f"{dir}/tmp-1-x")
+
+    monkeypatch.setattr(export.tempfile, "mkdtemp", refuse)
+    export_dir = tmp_path / "export"
+    argv = ["export", "--run-dir", str(tiny_run), "--export-dir", str(export_dir)]
+    assert cli.main(argv) == StorageError.exit_code
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert f"Permission denied; make {export_dir / 'charrnn'} writable" in line, line
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 14: full and read-only disks (real, on a tmpfs)
 
