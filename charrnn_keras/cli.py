@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         sys.stderr.close()
         return 0
     except OSError as e:  # a write that no library code turned into a StorageError
-        if e.errno not in _STORAGE_ERRNOS or not e.filename:
+        if e.errno not in _STORAGE_ERRNOS or not isinstance(e.filename, (str, os.PathLike)):
             raise
         print(f"charrnn {args.command}: error: {storage_error(e, e.filename)}", file=sys.stderr)
         return StorageError.exit_code

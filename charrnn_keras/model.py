@@ -52,7 +52,13 @@ def vocab_fingerprint(vocab: Vocab) -> str:
 
 
 def read_fingerprint(path: str | Path) -> str | None:
-    """Returns the vocabulary fingerprint stored in a weights file, or None if it has none.
+    """Reads the vocabulary fingerprint that ``CharRNN.save_weights`` stores in a weights file.
+
+    Args:
+        path: a ``.weights.h5`` file.
+
+    Returns:
+        The fingerprint (64 hex digits), or None for a file written without one.
 
     Raises:
         OSError: the file cannot be opened as HDF5.
@@ -90,10 +96,13 @@ class CharRNN(keras.Sequential):
                     f.attrs[VOCAB_ATTR] = self.vocab_sha256
 
     def weights_file_bytes(self) -> int:
-        """Returns an upper estimate of the size of this model's weights file.
+        """Estimates the size of the file ``save_weights`` writes, erring high.
 
         Keras stores the model's variables and the optimizer's; HDF5 adds a header and a
         little per variable (measured: about 1 KiB; 2 KiB is allowed).
+
+        Returns:
+            Bytes.
         """
         variables = list(self.variables)
         optimizer = getattr(self, "optimizer", None)  # none before compile()
@@ -104,6 +113,7 @@ class CharRNN(keras.Sequential):
 
 
 def _dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype named like ``float32``."""
     digits = "".join(c for c in str(dtype) if c.isdigit())
     return max(int(digits) // 8, 1) if digits else 8
 
