@@ -195,6 +195,7 @@ def _write_cache(paths: tuple[Path, Path], ids: np.ndarray, vocab: Vocab) -> Non
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise atomic.storage_error(e, folder / paths[0].name) from None
+    atomic.remove_stale(folder)  # what killed processes left half written
     with atomic.replacing(paths[0]) as tmp, open(tmp, "wb") as f:
         np.save(f, ids, allow_pickle=False)  # a file object: np.save would add ".npy" to a name
     atomic.write_text(paths[1], vocab.to_json())

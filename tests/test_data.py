@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,3 +166,17 @@ def test_byte_order_mark_is_stripped_from_each_file_of_a_directory(tmp_path):
     (tmp_path / "c.txt").write_bytes(b"third \xef\xbb\xbf inside")  # not at the start: text
     corpus = data_lib.load_corpus(str(tmp_path), 10**6, None)
     assert corpus.vocab.decode(corpus.ids) == "first café\nsecond\nthird \ufeff inside"
+
+
+def test_cache_temporaries_of_killed_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    left = cache / f".0123456789abcdef.npy.tmp{int(dead.stdout)}"
+    left.write_bytes(b"half an array")
+    path = tmp_path / "t.txt"
+    path.write_text("the quick brown fox\n" * 50)
+    data_lib.load_corpus(str(path), 10**6, cache)
+    assert not left.exists()
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".npy"]
