@@ -193,8 +193,8 @@ def _write_cache(paths: tuple[Path, Path], ids: np.ndarray, vocab: Vocab) -> Non
     folder = paths[0].parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise atomic.storage_error(e, folder / paths[0].name) from None
+    except OSError as e:  # e.filename: the folder that could not be made, in one refusing it
+        raise atomic.storage_error(e, e.filename or folder) from None
     atomic.remove_stale(folder)  # what killed processes left half written
     with atomic.replacing(paths[0]) as tmp, open(tmp, "wb") as f:
         np.save(f, ids, allow_pickle=False)  # a file object: np.save would add ".npy" to a name

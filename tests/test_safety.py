@@ -326,12 +326,15 @@ def test_training_onto_a_full_disk_is_one_line(tmp_path, tmpfs):
     assert _temps(disk) == []
 
 
-def test_read_only_run_dir_is_one_line(tmp_path, tmpfs):
-    run = tmpfs(tmp_path / "run", "1m", read_only=True)
+@pytest.mark.parametrize("inside", [False, True], ids=["run-dir", "its-parent"])
+def test_read_only_run_dir_is_one_line(tmp_path, tmpfs, inside):
+    disk = tmpfs(tmp_path / "disk", "1m", read_only=True)
+    run = disk / "run" if inside else disk  # inside: the corpus cache beside it fails first
     done = _cli(*_train_args(tmp_path, run), cwd=tmp_path)
     assert done.returncode == StorageError.exit_code, done.stderr
     line = _one_error_line(done.stderr, "train")
-    assert f"Read-only file system; make {run} writable" in line, line
+    assert f"Read-only file system; make {disk} writable" in line, line
+    assert not (disk / "run").exists()
 
 
 @pytest.mark.parametrize(
