@@ -210,7 +210,9 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
 class SampleText(keras.callbacks.Callback):
     """Writes a short sample after each epoch with the weights of the moment.
 
-    The sample is logged and written to TensorBoard as text.
+    The sample is logged and written to TensorBoard as text. Once the loss is not finite the
+    weights hold NaN or infinities, which sampling cannot draw from, so no sample is written
+    for that epoch or any later one (training is stopping anyway: TerminateOnNaN).
 
     Args:
         sampler: a ``sampling.Sampler`` for this model's config and vocabulary.
@@ -229,8 +231,15 @@ class SampleText(keras.callbacks.Callback):
         self.seed = seed
         self.temperature = temperature
         self._writer = tf.summary.create_file_writer(str(log_dir)) if log_dir else None
+        self._diverged = False
 
     def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._diverged = True
+        if self._diverged:
+            logger.warning("epoch %d: loss is %s; no sample from these weights", epoch + 1, loss)
+            return
         self.sampler.set_weights_from(self.model)
         text = self.sampler.sample("", self.num_chars, temperature=self.temperature, seed=self.seed)
         logger.info("sample after epoch %d:\n%s", epoch + 1, text)

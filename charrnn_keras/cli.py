@@ -7,6 +7,7 @@ line on stderr with exit status 2; library modules log through ``logging``.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -15,9 +16,13 @@ import tempfile
 import threading
 from pathlib import Path
 
-from charrnn_keras.errors import CharRNNError, SamplingError, option
+from charrnn_keras.atomic import storage_error
+from charrnn_keras.errors import CharRNNError, SamplingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES, UNKNOWN
 from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
+
+# A full disk, a quota, a read-only or forbidden folder: the user's to fix, not a bug.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _quiet_tensorflow(verbose: bool) -> None:
@@ -388,6 +393,11 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `charrnn sample | head`: the reader left; not an error
         sys.stderr.close()
         return 0
+    except OSError as e:  # a write that no library code turned into a StorageError
+        if e.errno not in _STORAGE_ERRNOS or not isinstance(e.filename, (str, os.PathLike)):
+            raise
+        print(f"charrnn {args.command}: error: {storage_error(e, e.filename)}", file=sys.stderr)
+        return StorageError.exit_code
 
 
 if __name__ == "__main__":

@@ -272,6 +272,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"config file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except OSError as e:  # a folder, permissions: a read error, not a storage one
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from charrnn_keras import atomic
 from charrnn_keras.errors import DataError
 from charrnn_keras.vocab import Vocab, format_chars
 
 logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin:stdlib"
+BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8: a byte-order mark, not text
 
 
 @dataclass
@@ -60,6 +61,18 @@ def _decode(raw: bytes, name: str) -> np.ndarray:
             f"convert it first, e.g. iconv -f latin1 -t utf-8"
         ) from None
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _strip_bom(raw: bytes, name) -> bytes:
+    """Drops a UTF-8 byte-order mark at the start of a file, as the ``utf-8-sig`` codec does.
+
+    Editors on Windows write one; kept, it would become a character of the vocabulary (and
+    take ASCII text off ``_decode``'s one-byte fast path).
+    """
+    if not raw.startswith(BOM):
+        return raw
+    logger.info("%s: stripped the UTF-8 byte-order mark at its start", name)
+    return raw[len(BOM) :]
 
 
 def _list_files(path: Path) -> list[Path]:
@@ -118,10 +131,10 @@ def read_raw(data: str | None, max_chars: int) -> tuple[bytes, str]:
     path = Path(data)
     files = _list_files(path)
     if len(files) == 1:
-        return _read_bytes(files[0]), str(path)
+        return _strip_bom(_read_bytes(files[0]), files[0]), str(path)
     chunks = []
     for f in files:
-        raw = _read_bytes(f)
+        raw = _strip_bom(_read_bytes(f), f)
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -169,12 +182,21 @@ def load_corpus(data: str | None, max_chars: int, cache_dir: str | Path | None) 
             logger.warning("ignoring damaged corpus cache %s: %s", cached[0], e)
     vocab, ids = Vocab.from_codepoints(_decode(raw, source))
     if cached:
-        cached[0].parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached[0].with_name(cached[0].name + ".tmp.npy")
-        np.save(tmp, ids, allow_pickle=False)
-        os.replace(tmp, cached[0])
-        vocab.save(cached[1])
+        _write_cache(cached, ids, vocab)
     return Corpus(ids, vocab, source, digest)
+
+
+def _write_cache(paths: tuple[Path, Path], ids: np.ndarray, vocab: Vocab) -> None:
+    """Writes the encoded corpus and its vocabulary atomically; StorageError if it cannot."""
+    folder = paths[0].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.filename: the folder that could not be made, in one refusing it
+        raise atomic.storage_error(e, e.filename or folder) from None
+    atomic.remove_stale(folder)  # what killed processes left half written
+    with atomic.replacing(paths[0]) as tmp, open(tmp, "wb") as f:
+        np.save(f, ids, allow_pickle=False)  # a file object: np.save would add ".npy" to a name
+    atomic.write_text(paths[1], vocab.to_json())
 
 
 def _cache_paths(cache_dir, digest):

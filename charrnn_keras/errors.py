@@ -90,6 +90,8 @@ class StorageError(CharRNNError):
 class TrainingStopped(CharRNNError):
     """Training ended without finishing (a non-finite loss); the run keeps its checkpoints."""
 
+    exit_code = 1  # a run that failed, not a usage error (2)
+
 
 class Interrupted(CharRNNError):
     """Ctrl-C or SIGTERM; the message says how to continue."""

@@ -13,6 +13,7 @@ the same variable twice) and tracks the vocabulary's lookup table as an asset.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -24,7 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn_keras import generation
-from charrnn_keras.errors import ServingError, option
+from charrnn_keras.atomic import storage_error
+from charrnn_keras.errors import ServingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES
 from charrnn_keras.serving import names
 
@@ -205,8 +207,11 @@ def export_run(
         raise ServingError(f"{final} already exists; versions are never overwritten")
     model, cfg, vocab = generation.load_sampling_model(run_dir, checkpoint)
     archive = ExportModule(model, cfg, vocab, max_chars).archive()
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{version}-", dir=model_dir))
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{version}-", dir=model_dir))
+    except OSError as e:  # a read-only or full export_dir; e.filename is the folder refused
+        raise storage_error(e, e.filename or final) from None
     try:
         archive.write_out(str(tmp), verbose=False)
         try:
@@ -216,12 +221,38 @@ def export_run(
             raise ServingError(
                 f"{final} appeared while exporting; versions are never overwritten"
             ) from None
+    except (OSError, tf.errors.OpError) as e:
+        error = _storage_error(e, final)
+        if error is None:  # not the file system's refusal: a bug, keep its traceback
+            raise
+        raise error from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    write_models_config(export_dir)
+    try:
+        write_models_config(export_dir)
+    except OSError as e:
+        raise storage_error(e, Path(export_dir) / names.MODELS_CONFIG) from None
     log.info("exported %s", final)
     return final
+
+
+# TensorFlow reports the file system's refusals as its own errors, not as OSError.
+_TF_ERRNOS = {"ResourceExhaustedError": errno.ENOSPC, "PermissionDeniedError": errno.EACCES}
+_MESSAGE_ERRNOS = {"No space left": errno.ENOSPC, "Read-only file system": errno.EROFS,
+                   "Permission denied": errno.EACCES, "Disk quota": errno.EDQUOT}  # fmt: skip
+
+
+def _storage_error(e: Exception, path: Path) -> StorageError | None:
+    """Returns the StorageError for a write of ``path`` that failed with ``e``, or None."""
+    if isinstance(e, OSError):
+        return storage_error(e, path)
+    code = _TF_ERRNOS.get(type(e).__name__) or next(
+        (n for text, n in _MESSAGE_ERRNOS.items() if text in str(e)), None
+    )
+    if code is None:
+        return None
+    return storage_error(OSError(code, os.strerror(code), str(path)), path)
 
 
 def write_models_config(export_dir, base_path: str | None = None) -> Path:

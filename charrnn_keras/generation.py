@@ -100,7 +100,7 @@ def load_sampling_model(run_dir, checkpoint=None) -> tuple[keras.Model, object, 
     cfg, vocab = rundir.load_run(run_dir)
     path = rundir.find_checkpoint(run_dir, checkpoint)
     model = build_model(cfg.model, len(vocab), batch_size=1, seq_length=1, name="sampler")
-    rundir.load_weights(model, path)
+    rundir.load_weights(model, path, vocab)
     logger.debug("generating with %s", path)
     return model, cfg, vocab
 

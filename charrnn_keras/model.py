@@ -7,14 +7,21 @@ model; both have identically named layers, so weights saved from one load into t
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import math
 import os
+import shutil
 from pathlib import Path
 
+import h5py
 import keras
 
-from charrnn_keras.config import ModelConfig, TrainConfig
+from charrnn_keras import atomic
+from charrnn_keras.config import Config, ModelConfig, TrainConfig
+from charrnn_keras.errors import ConfigError
 from charrnn_keras.fast_lstm import FastLSTM
+from charrnn_keras.vocab import Vocab
 
 _LAYERS = {
     "lstm": keras.layers.LSTM,
@@ -24,30 +31,110 @@ _LAYERS = {
 }
 
 
+# The HDF5 attribute of a weights file that names the vocabulary its ids belong to.
+VOCAB_ATTR = "charrnn_vocab_sha256"
+
+
+def vocab_fingerprint(vocab: Vocab) -> str:
+    """Returns the sha256 of a vocabulary's characters in id order (hex).
+
+    Two vocabularies of the same size give weights of the same shapes; only this tells
+    whether id 7 means the same character in both.
+
+    Args:
+        vocab: the vocabulary.
+
+    Returns:
+        64 hex digits.
+    """
+    return hashlib.sha256("".join(vocab.chars).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def read_fingerprint(path: str | Path) -> str | None:
+    """Reads the vocabulary fingerprint that ``CharRNN.save_weights`` stores in a weights file.
+
+    Args:
+        path: a ``.weights.h5`` file.
+
+    Returns:
+        The fingerprint (64 hex digits), or None for a file written without one.
+
+    Raises:
+        OSError: the file cannot be opened as HDF5.
+    """
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get(VOCAB_ATTR)
+    if value is None:
+        return None
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)
+
+
 class CharRNN(keras.Sequential):
-    """A Sequential whose weight files are written atomically.
+    """A Sequential whose weight files are written atomically and name their vocabulary.
 
     Every Keras callback that saves (ModelCheckpoint, BackupAndRestore) calls
     ``model.save_weights``, so doing the temporary-name-then-rename here means a crash or a
-    full disk never leaves half a checkpoint under the real name.
+    full disk never leaves half a checkpoint under the real name. ``vocab_sha256`` (set by
+    ``build_model``'s ``vocab``) is stored in every file as the ``VOCAB_ATTR`` attribute, so
+    that ``rundir.load_weights`` can refuse a checkpoint of another vocabulary.
     """
+
+    vocab_sha256: str | None = None
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
         path = Path(filepath)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists and overwrite=False")
-        tmp = path.with_name(
-            f".{path.name.removesuffix('.weights.h5')}.tmp{os.getpid()}.weights.h5"
-        )
-        try:
+        # h5py that meets a full disk raises inside destructors and the process dies by
+        # SIGSEGV, so a file that cannot fit must be refused before h5py starts writing.
+        _check_free_space(path, self.weights_file_bytes())
+        with atomic.replacing(path) as tmp:
             super().save_weights(tmp, overwrite=True, **kwargs)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            if self.vocab_sha256:
+                with h5py.File(tmp, "a") as f:
+                    f.attrs[VOCAB_ATTR] = self.vocab_sha256
+
+    def weights_file_bytes(self) -> int:
+        """Estimates the size of the file ``save_weights`` writes, erring high.
+
+        Keras stores the model's variables and the optimizer's; HDF5 adds a header and a
+        little per variable (measured: about 1 KiB; 2 KiB is allowed).
+
+        Returns:
+            Bytes.
+        """
+        variables = list(self.variables)
+        optimizer = getattr(self, "optimizer", None)  # none before compile()
+        if optimizer is not None and optimizer.built:
+            variables += list(optimizer.variables)
+        data = sum(math.prod(v.shape) * _dtype_bytes(v.dtype) for v in variables)
+        return data + 2048 * len(variables) + 16384
+
+
+def _dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype named like ``float32``."""
+    digits = "".join(c for c in str(dtype) if c.isdigit())
+    return max(int(digits) // 8, 1) if digits else 8
+
+
+def _check_free_space(path: Path, needed: int) -> None:
+    """Raises StorageError (ENOSPC) when ``path``'s folder has less than ``needed`` bytes free."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return  # a missing folder: the write itself reports it
+    if free < needed:
+        e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise atomic.storage_error(e, path)
 
 
 def build_model(
-    cfg: ModelConfig, vocab_size: int, batch_size: int, seq_length: int, name: str = "charrnn"
+    cfg: ModelConfig,
+    vocab_size: int,
+    batch_size: int,
+    seq_length: int,
+    name: str = "charrnn",
+    vocab: Vocab | None = None,
 ) -> keras.Sequential:
     """Builds the stateful character model.
 
@@ -57,6 +144,8 @@ def build_model(
         batch_size: fixed batch size; stateful layers keep one state row per batch row.
         seq_length: time steps per call (1 for the sampling model).
         name: the model's name.
+        vocab: the run's vocabulary (``vocab_size`` characters): its fingerprint goes into
+            every weights file the model saves. None writes files without one.
 
     Returns:
         A built ``CharRNN`` (a ``keras.Sequential``) whose outputs are logits
@@ -64,6 +153,10 @@ def build_model(
     """
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be at least 1, got vocab_size={vocab_size}")
+    if vocab is not None and len(vocab) != vocab_size:
+        raise ValueError(
+            f"vocab has {len(vocab)} characters but vocab_size={vocab_size}; they must agree"
+        )
     layers = [
         keras.Input(batch_shape=(batch_size, seq_length), dtype="int32", name="char_ids"),
         # N(0, 1) as in torch.nn.Embedding: Keras' default uniform(+-0.05) leaves the LSTM
@@ -80,7 +173,10 @@ def build_model(
         if cfg.dropout > 0:
             layers.append(keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}"))
     layers.append(keras.layers.Dense(vocab_size, name="logits"))
-    return CharRNN(layers, name=name)
+    model = CharRNN(layers, name=name)
+    if vocab is not None:
+        model.vocab_sha256 = vocab_fingerprint(vocab)
+    return model
 
 
 def _recurrent_layer(cfg: ModelConfig, name: str) -> keras.layers.RNN:
@@ -130,3 +226,114 @@ def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.MeanMetricWrapper(bits_per_char, name="bpc")],
     )
+
+
+# Deeper stacks add nothing a char-RNN can use and take minutes to build (100,000 layers did).
+MAX_LAYERS = 64
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def estimate_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Returns the number of weights ``build_model`` creates, without building anything.
+
+    Args:
+        cfg: the model settings.
+        vocab_size: number of distinct characters.
+
+    Returns:
+        The exact parameter count (``model.count_params()`` of the built model).
+    """
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be at least 1, got vocab_size={vocab_size}")
+    units, gates = cfg.rnn_size, _GATES[cfg.cell]
+    # Keras' GRU (reset_after=True) has two bias vectors; LSTM and SimpleRNN one.
+    biases = 2 if cfg.cell == "gru" else 1
+    total = vocab_size * cfg.embedding_dim + units * vocab_size + vocab_size
+    inputs = cfg.embedding_dim
+    for _ in range(cfg.num_layers):
+        total += gates * units * (inputs + units + biases)
+        inputs = units
+    return total
+
+
+def estimate_memory(cfg: Config, vocab_size: int) -> int:
+    """Returns a rough estimate of the memory training needs, in bytes.
+
+    Float32 weights, their gradients and Adam's two slots (16 bytes per weight), plus the
+    activations kept for backpropagation over one ``batch_size x seq_length`` batch and their
+    gradients: the embedding, each layer's gates, cell and output, and the logits with their
+    softmax. TensorFlow's own overhead is not included, so the truth is somewhat higher.
+
+    Args:
+        cfg: the run's settings (model size and batch shape).
+        vocab_size: number of distinct characters.
+
+    Returns:
+        Bytes.
+    """
+    m, d = cfg.model, cfg.data
+    weights = 16 * estimate_params(m, vocab_size)
+    per_char = m.embedding_dim + m.num_layers * (_GATES[m.cell] + 3) * m.rnn_size + 3 * vocab_size
+    activations = 2 * 4 * d.batch_size * d.seq_length * per_char
+    return weights + activations
+
+
+def machine_memory() -> int | None:
+    """Returns the memory this process may use: physical memory, or a lower cgroup limit.
+
+    Returns:
+        Bytes, or None where the system does not say.
+    """
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))  # "max", or a huge number, when there is no limit
+    return min(limits) if limits else None
+
+
+def check_fits(cfg: Config, vocab_size: int, memory: int | None = None) -> None:
+    """Refuses, before anything is built or written, a model this machine cannot train.
+
+    Args:
+        cfg: the run's settings.
+        vocab_size: number of distinct characters of the corpus.
+        memory: bytes available; default ``machine_memory()``.
+
+    Raises:
+        ConfigError: one line with the estimate and the settings to lower.
+    """
+    m, d = cfg.model, cfg.data
+    if m.num_layers > MAX_LAYERS:
+        raise ConfigError(
+            f"model.num_layers = {m.num_layers} is more than {MAX_LAYERS}: such a stack takes "
+            f"minutes to build and does not train; lower model.num_layers (2 or 3 is usual)"
+        )
+    memory = machine_memory() if memory is None else memory
+    if memory is None:
+        return
+    params = estimate_params(m, vocab_size)
+    need = estimate_memory(cfg, vocab_size)
+    if need <= memory:
+        return
+    if 16 * params >= need / 2:
+        lower = "model.rnn_size or model.num_layers"
+    else:
+        lower = "data.batch_size or data.seq_length (or model.rnn_size)"
+    raise ConfigError(
+        f"the model does not fit in memory: {params:,} weights (model.rnn_size = {m.rnn_size}, "
+        f"model.num_layers = {m.num_layers}) need about {_gib(need)} to train with "
+        f"data.batch_size = {d.batch_size} x data.seq_length = {d.seq_length}, and this "
+        f"machine has {_gib(memory)}; lower {lower}"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"

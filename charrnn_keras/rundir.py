@@ -164,8 +164,31 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -
     )
 
 
-def load_weights(model, path: str | Path) -> None:
-    """Loads weights into ``model``; a damaged file gets an error naming it."""
+def load_weights(model, path: str | Path, vocab: Vocab | None = None) -> None:
+    """Loads weights into ``model``; a damaged file or another vocabulary's gets one line.
+
+    Args:
+        model: a model from ``model.build_model``.
+        path: a ``.weights.h5`` file.
+        vocab: the vocabulary the weights must belong to; default the one the model was
+            built for (its ``vocab_sha256``), if any. Files without a fingerprint (written
+            before checkpoints carried one) load without the check.
+    """
+    from charrnn_keras.model import read_fingerprint, vocab_fingerprint  # imports Keras
+
+    expected = getattr(model, "vocab_sha256", None)
+    if vocab is not None:
+        expected = vocab_fingerprint(vocab)
+    try:
+        found = read_fingerprint(path) if expected else None
+    except Exception:  # a damaged file: model.load_weights below says how
+        found = None
+    if found and found != expected:
+        raise RunDirError(
+            f"checkpoint {path} was trained on another vocabulary (sha256 {found[:12]}) than "
+            f"this run's (sha256 {expected[:12]}): its character ids mean other characters; "
+            f"pick a checkpoint of this run with {option('checkpoint')}"
+        )
     try:
         model.load_weights(path)
     except Exception as e:  # h5py and Keras raise many types for a bad file

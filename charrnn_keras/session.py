@@ -21,7 +21,7 @@ from charrnn_keras.callbacks import (
     WholeEpochs,
 )
 from charrnn_keras.config import Config
-from charrnn_keras.model import build_model, compile_model
+from charrnn_keras.model import build_model, check_fits, compile_model
 from charrnn_keras.resume import (
     check_replaceable,
     check_resume,
@@ -77,6 +77,7 @@ def prepare(cfg, data, run_dir, overwrite, config_name, held: contextlib.ExitSta
     corpus = data_lib.load_corpus(data, d.max_chars, cache_dir=run.path.parent / ".cache")
     data_lib.check_vocab(corpus)
     data_lib.check_size(len(corpus.ids), d.batch_size, d.seq_length, d.val_fraction)
+    check_fits(cfg, len(corpus.vocab))  # before the run directory exists: nothing half made
     if not replace and run.config_file.exists():
         check_resume(run, cfg, corpus)
     return Plan(cfg, run, corpus, replace, locked)
@@ -137,7 +138,9 @@ def start(plan: Plan, held: contextlib.ExitStack, extra_callbacks=()) -> Session
         len(corpus.vocab),
         steps,
     )
-    model = build_model(cfg.model, len(corpus.vocab), d.batch_size, d.seq_length)
+    model = build_model(
+        cfg.model, len(corpus.vocab), d.batch_size, d.seq_length, vocab=corpus.vocab
+    )
     compile_model(model, cfg.train)
 
     info = {

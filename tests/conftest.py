@@ -17,6 +17,22 @@ TINY_CONFIG = REPO / "configs" / "tiny.toml"
 TINY_TEXT = "the cat sat on the mat.\nthe dog sat on the log.\nthe cat and the dog sat.\n" * 12
 
 
+# TensorFlow's start-up lines (absl, oneDNN, CUDA); once they are silenced this filter can go.
+_TF_STARTUP = ("WARNING: All log messages before absl", "I0000", "E0000", "W0000")
+
+
+def our_stderr(text: str) -> list[str]:
+    """Returns the lines of a subprocess's stderr that this package wrote.
+
+    Args:
+        text: the whole stderr.
+
+    Returns:
+        Its lines without TensorFlow's start-up lines.
+    """
+    return [line for line in text.splitlines() if not line.startswith(_TF_STARTUP)]
+
+
 @pytest.fixture
 def tiny_text_file(tmp_path) -> Path:
     path = tmp_path / "tiny.txt"

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -6,6 +8,8 @@ import pytest
 from charrnn_keras import data as data_lib
 from charrnn_keras.data import DataError
 from charrnn_keras.vocab import Vocab, VocabError
+
+BOM = "\ufeff".encode()  # what Windows editors put at the start of a UTF-8 file
 
 
 def test_stream_layout_continues_each_row():
@@ -143,3 +147,36 @@ def test_ascii_fast_path_encodes_like_the_general_one():
     assert fast_ids.dtype == np.uint8
     np.testing.assert_array_equal(fast_ids, slow_ids)
     assert fast_vocab.decode(fast_ids) == text.decode()
+
+
+def test_byte_order_mark_is_stripped_and_logged(tmp_path, caplog):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(BOM + b"plain ascii text\n" * 20)
+    with caplog.at_level("INFO", logger="charrnn_keras.data"):
+        corpus = data_lib.load_corpus(str(path), 10**6, None)
+    assert "\ufeff" not in corpus.vocab.chars
+    assert corpus.vocab.decode(corpus.ids) == "plain ascii text\n" * 20
+    assert corpus.ids.dtype == np.uint8  # ASCII after the mark: still the one-byte fast path
+    assert f"{path}: stripped the UTF-8 byte-order mark" in caplog.text
+
+
+def test_byte_order_mark_is_stripped_from_each_file_of_a_directory(tmp_path):
+    (tmp_path / "a.txt").write_bytes(BOM + "first café".encode())
+    (tmp_path / "b.txt").write_bytes(BOM + b"second")
+    (tmp_path / "c.txt").write_bytes(b"third \xef\xbb\xbf inside")  # not at the start: text
+    corpus = data_lib.load_corpus(str(tmp_path), 10**6, None)
+    assert corpus.vocab.decode(corpus.ids) == "first café\nsecond\nthird \ufeff inside"
+
+
+def test_cache_temporaries_of_killed_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    left = cache / f".0123456789abcdef.npy.tmp{int(dead.stdout)}"
+    left.write_bytes(b"half an array")
+    path = tmp_path / "t.txt"
+    path.write_text("the quick brown fox\n" * 50)
+    data_lib.load_corpus(str(path), 10**6, cache)
+    assert not left.exists()
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".npy"]
