@@ -114,25 +114,11 @@ def _config_name(path) -> str:
     return Path(path).stem if path else "default"
 
 
-def _newest_run(config) -> Path:
-    """The run `charrnn train --config CONFIG` made last: runs/<name>, or the highest runs/<name>-N.
-
-    Follows the naming of resume.resolve_run_dir. When there is none, runs/<name> is returned and
-    the command reports it missing.
-    """
-    base = Path("runs") / _config_name(config)
-    numbers = [
-        int(suffix)
-        for path in (base.parent.iterdir() if base.parent.is_dir() else ())
-        if path.name.startswith(base.name + "-")
-        and (suffix := path.name[len(base.name) + 1 :]).isdecimal()
-        and int(suffix) >= 2
-    ]
-    return base.with_name(f"{base.name}-{max(numbers)}") if numbers else base
-
-
 def _run_dir(args) -> Path:
-    return Path(args.run_dir) if args.run_dir else _newest_run(args.config)
+    """--run-dir, else the newest run that `charrnn train --config CONFIG` made."""
+    from charrnn_keras.rundir import newest_run
+
+    return Path(args.run_dir) if args.run_dir else newest_run(_config_name(args.config))
 
 
 def cmd_sample(args) -> int:

@@ -17,7 +17,7 @@ from charrnn_keras import atomic
 from charrnn_keras import data as data_lib
 from charrnn_keras.config import Config
 from charrnn_keras.errors import RunDirError, option
-from charrnn_keras.rundir import RunDir, Status, load_run
+from charrnn_keras.rundir import RunDir, Status, load_run, newest_run, next_in_series
 from charrnn_keras.vocab import format_chars
 
 logger = logging.getLogger(__name__)
@@ -38,15 +38,10 @@ def resolve_run_dir(run_dir, config_name: str, overwrite: bool) -> Path:
         The directory to train in (may not exist yet).
     """
     if run_dir is None:
-        base = Path("runs") / config_name
-        candidates = [base] + [base.with_name(f"{base.name}-{n}") for n in range(2, 10_000)]
-        existing = [c for c in candidates if c.exists()]
-        if not existing:
-            return base
-        last = max(existing, key=candidates.index)
-        if RunDir(last).status() != Status.FINISHED or overwrite:
+        last = newest_run(config_name)
+        if not last.exists() or RunDir(last).status() != Status.FINISHED or overwrite:
             return resolve_run_dir(last, config_name, overwrite)
-        return candidates[candidates.index(last) + 1]
+        return next_in_series(config_name)
     run = RunDir(run_dir)
     if run.status() == Status.FINISHED and not overwrite:
         raise RunDirError(

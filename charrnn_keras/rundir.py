@@ -21,6 +21,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -122,6 +123,47 @@ def load_run(run_dir: str | Path) -> tuple[Config, Vocab]:
     except ConfigError as e:
         raise RunDirError(str(e)) from None
     return cfg, Vocab.load(run_dir / VOCAB_FILE)
+
+
+RUNS = "runs"  # where runs without an explicit run directory go
+
+
+def run_series(config_name: str, root: str | Path = RUNS) -> list[Path]:
+    """Returns the runs a config made without an explicit run directory, oldest first.
+
+    ``charrnn train --config NAME.toml`` uses ``runs/NAME``, then ``runs/NAME-2``,
+    ``runs/NAME-3``, ... after each finished one.
+
+    Args:
+        config_name: the config file's stem (``default`` without a config).
+        root: the folder holding them.
+
+    Returns:
+        The existing ones, by number.
+    """
+    base = Path(root) / config_name
+    numbered = {1: base} if base.exists() else {}
+    for path in Path(root).glob(f"{glob.escape(config_name)}-*"):
+        suffix = path.name[len(config_name) + 1 :]
+        if suffix.isascii() and suffix.isdigit() and int(suffix) >= 2:
+            numbered[int(suffix)] = path
+    return [numbered[n] for n in sorted(numbered)]
+
+
+def next_in_series(config_name: str, root: str | Path = RUNS) -> Path:
+    """Where a config's next run goes: after its newest one (``runs/NAME`` -> ``runs/NAME-2``)."""
+    series = run_series(config_name, root)
+    base = Path(root) / config_name
+    if not series:
+        return base
+    last = series[-1].name.removeprefix(config_name).removeprefix("-")
+    return base.with_name(f"{config_name}-{int(last or 1) + 1}")
+
+
+def newest_run(config_name: str, root: str | Path = RUNS) -> Path:
+    """The newest run of a config's series, or where its first run would go."""
+    series = run_series(config_name, root)
+    return series[-1] if series else Path(root) / config_name
 
 
 def periodic_checkpoints(run_dir: str | Path) -> list[Path]:

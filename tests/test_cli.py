@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_CONFIG, TINY_TEXT
 
-from charrnn_keras import cli
+from charrnn_keras.rundir import newest_run, next_in_series
 
 
 def charrnn(*args, cwd: Path) -> subprocess.CompletedProcess:
@@ -142,8 +142,11 @@ def test_bad_temperature_is_one_line(trained):
 
 def test_newest_run_follows_train_naming(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli._newest_run("configs/tiny.toml") == Path("runs", "tiny")  # none yet: named
+    assert newest_run("tiny") == Path("runs", "tiny")  # none yet: named
     for name in ["tiny", "tiny-2", "tiny-10", "tiny-x", "tiny-1", "tinyish-50", "other-99"]:
         (tmp_path / "runs" / name).mkdir(parents=True)
-    assert cli._newest_run("configs/tiny.toml") == Path("runs", "tiny-10")
-    assert cli._newest_run(None) == Path("runs", "default")
+    assert newest_run("tiny") == Path("runs", "tiny-10")
+    assert newest_run("default") == Path("runs", "default")
+    assert next_in_series("tiny") == Path("runs", "tiny-11")
+    assert next_in_series("other") == Path("runs", "other-100")
+    assert next_in_series("new") == Path("runs", "new")
