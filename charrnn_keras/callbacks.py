@@ -218,7 +218,8 @@ class SampleText(keras.callbacks.Callback):
         sampler: a ``sampling.Sampler`` for this model's config and vocabulary.
         num_chars: characters per sample (> 0).
         log_dir: TensorBoard directory, or None.
-        seed: seed for the draws, so samples from epoch to epoch differ only by the weights.
+        seed: the seed of the first epoch's sample; epoch e's uses ``seed + e - 1``, so each
+            sample starts differently and ``charrnn sample --seed`` can write it again.
         temperature: softmax temperature for the sample.
     """
 
@@ -241,8 +242,9 @@ class SampleText(keras.callbacks.Callback):
             logger.warning("epoch %d: loss is %s; no sample from these weights", epoch + 1, loss)
             return
         self.sampler.set_weights_from(self.model)
-        text = self.sampler.sample("", self.num_chars, temperature=self.temperature, seed=self.seed)
-        logger.info("sample after epoch %d:\n%s", epoch + 1, text)
+        seed = self.seed + epoch
+        text = self.sampler.sample("", self.num_chars, temperature=self.temperature, seed=seed)
+        logger.info("sample after epoch %d (seed %d):\n%s", epoch + 1, seed, text)
         if self._writer is not None:
             with self._writer.as_default():
                 tf.summary.text("sample", text, step=epoch + 1)

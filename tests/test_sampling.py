@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -286,3 +287,19 @@ def test_cli_num_samples_and_top_p(hand_run, sampler, capsys):
         f"--- sample {i + 1} (--seed {8 + i})\nthe {t}\n" for i, t in enumerate(texts)
     )
     assert out == expected
+
+
+def test_epoch_samples_change_seed_with_the_epoch(sampler, caplog):
+    from charrnn_keras.callbacks import SampleText
+
+    callback = SampleText(sampler, 30, seed=5, temperature=1.0)
+    callback.set_model(sampler.model)  # same layers: the sampler copies its own weights
+    with caplog.at_level(logging.INFO, logger="charrnn_keras.callbacks"):
+        for epoch in range(3):
+            callback.on_epoch_end(epoch, {"loss": 1.0})
+    logged = [
+        r.getMessage().split("\n", 1)[1] for r in caplog.records if "sample after" in r.getMessage()
+    ]
+    # With the weights unchanged, only the seed makes the epochs' samples differ.
+    assert logged == [sampler.sample("", 30, temperature=1.0, seed=5 + e) for e in range(3)]
+    assert len(set(logged)) == 3
