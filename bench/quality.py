@@ -83,12 +83,10 @@ def keras_worker(args, cfg) -> dict:
     intra, inter, chains, time_chunks = common.parse_tf_threads(args.threads)
     common.set_tf_threads(intra, inter)
     import keras
-    import numpy as np
-    import tensorflow as tf
 
     from charrnn_keras import data as data_lib
-    from charrnn_keras.callbacks import ResetStates
-    from charrnn_keras.model import build_model, compile_model, reset_states, rnn_layers
+    from charrnn_keras.callbacks import ResetStates, ValidationLoss
+    from charrnn_keras.model import build_model, compile_model
 
     d, t = cfg.data, cfg.train
     train_ids, val_ids, vocab = _splits()
@@ -101,22 +99,7 @@ def keras_worker(args, cfg) -> dict:
     model = build_model(model_cfg, vocab, d.batch_size, d.seq_length)
     compile_model(model, t)
 
-    @tf.function
-    def val_loss(x, y):
-        logits = model(x, training=False)
-        return tf.reduce_mean(
-            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        )
-
-    def evaluate() -> float:
-        layers = rnn_layers(model)
-        saved = [[np.array(v) for v in layer.states] for layer in layers]
-        reset_states(model)
-        loss = float(np.mean([float(val_loss(x, y)) for x, y in val_ds]))
-        for layer, values in zip(layers, saved, strict=True):
-            for var, value in zip(layer.states, values, strict=True):
-                var.assign(value)
-        return loss
+    evaluate = ValidationLoss(model, val_ds)
 
     clock = Clock(args.minutes * 60, args.eval_every)
     curve, chars = [], 0

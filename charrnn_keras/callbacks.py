@@ -187,20 +187,38 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
     def validation_loss(self) -> float:
         """Returns the mean validation loss, leaving the training state as it was."""
         if self._loss_fn is None:
-            model = self.model
+            self._loss_fn = ValidationLoss(self.model, self.val_data)
+        return self._loss_fn()
 
-            @tf.function
-            def batch_loss(x, y):
-                logits = model(x, training=False)
-                return tf.reduce_mean(
-                    keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-                )
 
-            self._loss_fn = batch_loss
+class ValidationLoss:
+    """The mean validation loss of a stateful model, measured between training steps.
+
+    The recurrent state of the batch in flight is set aside, validation starts from zeros, and
+    the state is put back afterwards, so training continues as if nothing had happened.
+
+    Args:
+        model: the training model.
+        val_data: a tf.data.Dataset of ``(inputs, targets)`` validation batches.
+    """
+
+    def __init__(self, model, val_data):
+        self.model, self.val_data = model, val_data
+
+        @tf.function
+        def batch_loss(x, y):
+            logits = model(x, training=False)
+            return tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            )
+
+        self._batch_loss = batch_loss
+
+    def __call__(self) -> float:
         layers = rnn_layers(self.model)
         saved = [[np.array(v) for v in layer.states] for layer in layers]
         reset_states(self.model)
-        losses = [float(self._loss_fn(x, y)) for x, y in self.val_data]
+        losses = [float(self._batch_loss(x, y)) for x, y in self.val_data]
         for layer, values in zip(layers, saved, strict=True):
             for var, value in zip(layer.states, values, strict=True):
                 var.assign(value)
