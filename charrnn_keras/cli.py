@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
+from charrnn_keras import startup
 from charrnn_keras.atomic import storage_error
 from charrnn_keras.errors import CharRNNError, SamplingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES, UNKNOWN
@@ -23,62 +22,6 @@ from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
 
 # A full disk, a quota, a read-only or forbidden folder: the user's to fix, not a bug.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def _quiet_tensorflow(verbose: bool) -> None:
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if not verbose:
-        # TensorFlow applies it only once loaded; _load_tensorflow handles its start-up lines.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _wants_tensorflow_startup(verbose: bool) -> bool:
-    """-v, or TensorFlow's own variables asking for its INFO or VLOG lines, shows its start-up."""
-    env = os.environ
-    return (
-        verbose
-        or env.get("TF_CPP_MIN_LOG_LEVEL") == "0"
-        or "TF_CPP_MAX_VLOG_LEVEL" in env
-        or "TF_CPP_VMODULE" in env
-    )
-
-
-def _load_tensorflow() -> None:
-    """Imports TensorFlow and lists its devices with stderr's file descriptor pointed away.
-
-    Why at the descriptor: TensorFlow 2.21 logs through Abseil from C++ static initialisers while
-    its shared libraries load. The oneDNN notice (core/util/port.cc, reached from
-    threadpool_device.cc's initialiser) and "Could not find cuda drivers" (tsl/cuda/cudart_stub.cc,
-    reached from the CUDA kernels' fat-binary constructor) run before the same library's
-    logging_initializer.cc applies TF_CPP_MIN_LOG_LEVEL, and nothing calls
-    absl::InitializeLog(), so Abseil writes them whatever the level, after its "All log messages
-    before absl::InitializeLog()" warning. libtensorflow_framework.so.2 and
-    python/profiler/internal/_pywrap_profiler_plugin.so each link their own copy of Abseil and of
-    these initialisers, and `import tensorflow` loads both: hence everything twice. No variable
-    reaches them (TF_ENABLE_ONEDNN_OPTS=0 silences the notice only by turning oneDNN off, and a
-    CPU-only TensorFlow still prints it). Listing the devices here keeps a machine without a CUDA
-    driver's "failed call to cuInit" error (logged when TensorFlow first looks for GPUs) in the
-    same window. What was written is dropped, unless loading fails: then it may say why.
-    """
-    if "tensorflow" in sys.modules or sys.stderr is None:  # None: run with stderr closed
-        return
-    sys.stderr.flush()
-    real_stderr = os.dup(2)
-    with tempfile.TemporaryFile() as held:  # a file, not a pipe: nothing can block on it
-        loaded = False
-        try:
-            os.dup2(held.fileno(), 2)
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
-            loaded = True
-        finally:
-            sys.stderr.flush()
-            os.dup2(real_stderr, 2)
-            os.close(real_stderr)
-            if not loaded:
-                held.seek(0)
-                sys.stderr.write(held.read().decode(errors="replace"))
 
 
 def cmd_train(args) -> int:
@@ -353,21 +296,9 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         # A scheduler's `kill` stops training as cleanly as Ctrl-C does.
         signal.signal(signal.SIGTERM, _interrupt)
-    _quiet_tensorflow(args.verbose)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.captureWarnings(True)
-    if not args.verbose:
-        # TensorFlow's and Keras's notes (through absl and Python warnings) speak to their own
-        # developers, not to someone training a model; -v shows them.
-        for name in ("absl", "tensorflow", "py.warnings"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    startup.configure_logging(args.verbose)
     try:
-        if not _wants_tensorflow_startup(args.verbose):
-            _load_tensorflow()
+        startup.load_tensorflow(args.verbose)
         return args.func(args)
     except CharRNNError as e:
         message = " ".join(e.render(flag).split())  # one line, whatever the message held
