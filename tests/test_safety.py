@@ -10,6 +10,7 @@ that a full disk raises.
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import shutil
@@ -60,13 +61,8 @@ def _train_args(tmp_path: Path, run_dir: Path, *settings: str) -> list[str]:
 
 def _with_callbacks(monkeypatch, *extra) -> None:
     """Puts ``extra`` callbacks first in every ``train`` call of this test."""
-    make_callbacks = train_mod._callbacks
-
-    def with_extra(*args, **kwargs):
-        callbacks, budget = make_callbacks(*args, **kwargs)
-        return [*extra, *callbacks], budget
-
-    monkeypatch.setattr(train_mod, "_callbacks", with_extra)
+    train = functools.partial(train_mod.train, extra_callbacks=extra)
+    monkeypatch.setattr(train_mod, "train", train)
 
 
 # ---------------------------------------------------------------------------------------------
