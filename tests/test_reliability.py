@@ -429,13 +429,11 @@ def test_damaged_checkpoint_is_one_clear_line(tiny_run, tmp_path, capsys, damage
     with pytest.raises(RunDirError, match=f"checkpoint {best} cannot be loaded") as e:
         rundir.load_weights(model, best)
     assert "\n" not in str(e.value)
-    pytest.importorskip("charrnn_keras.sampling")
     assert cli.main(["sample", "--run-dir", str(run), "-n", "5"]) == 2
     assert str(best) in _one_error_line(capsys.readouterr().err, "sample")
 
 
 def test_damaged_vocab_is_one_clear_line_for_sample(tiny_run, tmp_path, capsys):
-    pytest.importorskip("charrnn_keras.sampling")
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "vocab.json").write_bytes(b"\xff\xfe")
@@ -613,10 +611,8 @@ def test_missing_run_dir_or_checkpoint_is_a_clear_error(tmp_path, tiny_run):
         rundir.find_checkpoint(tiny_run, "other.weights.h5")
 
 
-@pytest.mark.parametrize("command, module", [("sample", "sampling"), ("export", "export")])
-def test_cli_missing_run_dir_or_checkpoint_is_one_line(tmp_path, tiny_run, capsys,
-                                                        command, module):  # fmt: skip
-    pytest.importorskip(f"charrnn_keras.{module}")
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_cli_missing_run_dir_or_checkpoint_is_one_line(tmp_path, tiny_run, capsys, command):
     extra = ["--export-dir", str(tmp_path / "export")] if command == "export" else ["-n", "5"]
     missing = tmp_path / "nope"
     assert cli.main([command, "--run-dir", str(missing), *extra]) == 2
