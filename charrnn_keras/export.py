@@ -14,17 +14,14 @@ Only the raw ``tf.Variable`` behind each Keras weight is tracked by the exported
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import types
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from charrnn_keras import atomic, rundir
 from charrnn_keras import model as model_lib
-from charrnn_keras import rundir
 from charrnn_keras.draw import draw_next
 from charrnn_keras.errors import ServingError, option
 from charrnn_keras.serving import names
@@ -233,45 +230,53 @@ def export_run(
 ) -> Path:
     """Writes ``export_dir/model_name/version/`` atomically and refreshes ``models.config``.
 
+    The version folder is written under a temporary name (``atomic.replacing``) with the
+    umask's permissions, so a TF Serving running as another user can read it; temporaries that
+    a killed export left behind are removed first.
+
     Args:
         run_dir: a run directory from ``charrnn train``.
         export_dir: TF Serving's base directory (one folder per model).
         model_name: the model's folder and serving name.
-        version: the version to write (default: one above the highest present); never replaced.
+        version: the version to write, 0 to 2**63-1 (TF Serving's int64; default: one above
+            the highest present); never replaced.
         checkpoint: a weights file (default: the best, else the latest checkpoint).
-        max_chars: the largest ``num_chars`` a ``generate`` request may ask for.
+        max_chars: the largest ``num_chars`` a ``generate`` request may ask for, 0 to
+            2**31-1 (the signature's int32).
 
     Returns:
         The path of the new version directory.
     """
     names.check_model_name(model_name)
-    if max_chars < 0:
-        raise ServingError(f"{option('max_chars')} must be 0 or more, got {max_chars}")
+    max_chars = names.check_int("max_chars", max_chars, "int32", minimum=0)
     model_dir = Path(export_dir) / model_name
     if version is None:
         existing = names.list_versions(model_dir, complete_only=False)
         version = existing[-1] + 1 if existing else 1
-    elif version < 0:
-        raise ServingError(f"{option('version')} must be 0 or more, got {version}")
+        if version > names.INT64_RANGE[1]:
+            raise ServingError(
+                f"{model_dir} already holds version {existing[-1]}, the largest TF Serving "
+                f"accepts; choose a free one with {option('version')}"
+            )
+    version = names.check_int("version", version, "int64", minimum=0)
     final = model_dir / str(version)
     if final.exists():
         raise ServingError(f"{final} already exists; versions are never overwritten")
     model, cfg, vocab = load_sampling_model(run_dir, checkpoint)
     module = ExportModule(model, cfg, vocab, max_chars)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{version}-", dir=model_dir))
     try:
-        tf.saved_model.save(module, str(tmp), signatures=module.signatures())
-        try:
-            # rename() refuses a non-empty target, so a racing export's version survives.
-            os.rename(tmp, final)
-        except OSError:
-            raise ServingError(
-                f"{final} appeared while exporting; versions are never overwritten"
-            ) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise atomic.storage_error(e, model_dir) from None
+    atomic.remove_stale(model_dir)
+    try:
+        # The temporary name is not all digits, so TF Serving never takes a half-written export.
+        with atomic.replacing(final, folder=True) as tmp:
+            tf.saved_model.save(module, str(tmp), signatures=module.signatures())
+    except OSError:  # rename() refuses a non-empty target, so a racing export's version stays
+        raise ServingError(
+            f"{final} appeared while exporting; versions are never overwritten"
+        ) from None
     write_models_config(export_dir)
     log.info("exported %s", final)
     return final
@@ -279,6 +284,9 @@ def export_run(
 
 def write_models_config(export_dir, base_path: str | None = None) -> Path:
     """Writes ``export_dir/models.config`` listing every model folder, in TF Serving's format.
+
+    The file is a ``ModelServerConfig`` text proto built with TF Serving's own message and
+    ``text_format``, so any path (quotes, backslashes, non-ASCII) is escaped as TF Serving reads it.
 
     Args:
         export_dir: TF Serving's base directory.
@@ -289,22 +297,17 @@ def write_models_config(export_dir, base_path: str | None = None) -> Path:
     Returns:
         The path of the written file.
     """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
     export_dir = Path(export_dir)
     base_path = str(export_dir.resolve()) if base_path is None else base_path
     models = sorted(p.name for p in export_dir.iterdir() if p.is_dir() and names.list_versions(p))
-    base_path = base_path.rstrip("/").replace("\\", "\\\\").replace('"', '\\"')  # text proto
-    lines = ["model_config_list {"]
+    config = model_server_config_pb2.ModelServerConfig()
     for name in models:
-        lines += [
-            "  config {",
-            f'    name: "{name}"',
-            f'    base_path: "{base_path}/{name}"',
-            '    model_platform: "tensorflow"',
-            "  }",
-        ]
-    lines.append("}")
+        config.model_config_list.config.add(
+            name=name, base_path=f"{base_path.rstrip('/')}/{name}", model_platform="tensorflow"
+        )
     path = export_dir / names.MODELS_CONFIG
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, text_format.MessageToString(config, as_utf8=True))
     return path

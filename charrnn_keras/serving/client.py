@@ -134,6 +134,9 @@ class Client:
                 vocabulary size, like a negative temperature, is refused (INVALID_ARGUMENT).
             seed: ``S`` (the same as ``charrnn sample --seed S``) or a stateless pair ``[a, b]``.
 
+        Numbers that do not fit the signature's dtypes (int32 ``num_chars`` and ``top_k``,
+        float32 ``temperature``, int64 ``seed``) raise ServingError before anything is sent.
+
         Returns:
             The generated continuation (without the prime); a list for a list of primes.
         """
@@ -141,7 +144,12 @@ class Client:
         primes = [prime] if single else list(prime)
         if not primes:
             return []
-        pair = [int(seed), 0] if np.ndim(seed) == 0 else [int(s) for s in seed]
+        # Checked here: numpy would wrap or overflow a value outside the signature's dtypes.
+        num_chars = names.check_int("num_chars", num_chars)
+        top_k = names.check_int("top_k", top_k)
+        temperature = names.check_float32("temperature", temperature)
+        pair = [seed, 0] if np.ndim(seed) == 0 else list(seed)
+        pair = [names.check_int("seed", s, "int64") for s in pair]
         out = self.predict(
             names.GENERATE,
             {
