@@ -505,6 +505,40 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     assert names.list_versions(empty_export / MODEL, complete_only=False) == []
 
 
+ARGPARSE_CASES = [
+    # (id, argv with {run}, {export}, {server}; words): numbers outside the dtype they become
+    ("export-max-chars-over-int32", "export --run-dir {run} --export-dir {export} --max-chars 3000000000", "argument --max-chars: must be from 0 to 2147483647 (int32), got 3000000000"),  # noqa: E501
+    ("export-version-over-int64", "export --run-dir {run} --export-dir {export} --version 99999999999999999999", "argument --version: must be from 0 to 9223372036854775807 (int64)"),  # noqa: E501
+    ("query-seed-over-int64", "query --server {server} --seed 99999999999999999999", "argument --seed: must be from -9223372036854775808 to 9223372036854775807 (int64)"),  # noqa: E501
+    ("query-num-chars-over-int32", "query --server {server} -n 99999999999999999999", "argument --num-chars/-n: must be from"),  # noqa: E501
+    ("query-top-k-over-int32", "query --server {server} --top-k 99999999999999999999", "argument --top-k: must be from"),  # noqa: E501
+    ("query-temperature-over-float32", "query --server {server} -t 1e39", "argument --temperature/-t: must be at most 3.403e+38"),  # noqa: E501
+    ("sample-seed-over-int64", "sample --run-dir {run} --seed 99999999999999999999", "argument --seed: must be from"),  # noqa: E501
+    ("query-not-a-number", "query --server {server} -n ten", "argument --num-chars/-n: must be a whole number, got 'ten'"),  # noqa: E501
+    ("export-missing-flag", "export", "the following arguments are required: --run-dir"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"), [c[1:] for c in ARGPARSE_CASES], ids=[c[0] for c in ARGPARSE_CASES]
+)
+def test_cli_numbers_outside_their_dtype_are_one_line_and_exit_2(
+    argv, words, run_dir, server, tmp_path, capsys
+):
+    """Issue 15, item 4: refused by argparse in one line, not a wrapped cap or a traceback."""
+    paths = {"run": run_dir, "export": tmp_path / "export", "server": server.address}
+    args = [a.format(**paths) for a in argv.split(" ")]
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"charrnn {args[0]}: error: "), err
+    assert words in lines[0]
+    assert not (tmp_path / "export").exists()
+
+
 def test_cli_good_input_of_the_table_works(run_dir, server, capsys):
     """The CLI cases above, with the bad setting made good, succeed: so each refusal is earned."""
     top = str(len(VOCAB))

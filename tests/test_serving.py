@@ -22,7 +22,7 @@ from tensorflow_serving.apis import (
 
 from charrnn_keras import cli
 from charrnn_keras import model as model_lib
-from charrnn_keras.errors import CharRNNError
+from charrnn_keras.errors import CharRNNError, ServingError
 from charrnn_keras.export import TMP_PREFIX, export_run, load_sampling_model
 from charrnn_keras.serving import names
 from charrnn_keras.serving.client import Client, RequestFailed
@@ -279,3 +279,20 @@ def test_cli_query(address, in_process, capsys):
     assert capsys.readouterr().out == "the " + in_process("the ", 30, 1.0, 0, 4) + "\n"
     assert cli.main(["query", "--server", address, "--model-name", "nope", "-n", "3"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_client_refuses_numbers_outside_the_signature_dtypes(address):
+    """Issue 15, item 4: numpy would wrap or overflow them; one ServingError instead."""
+    with Client(address, MODEL) as client:
+        for kwargs, words in [
+            ({"num_chars": 2**31}, "num_chars"),
+            ({"top_k": 10**20}, "top_k"),
+            ({"seed": 10**20}, "seed"),
+            ({"seed": [1, -(2**63) - 1]}, "seed"),
+            ({"temperature": 1e39}, "temperature"),
+            ({"num_chars": 2.5}, "num_chars"),
+        ]:
+            with pytest.raises(ServingError, match=words) as info:
+                client.generate("the", **kwargs)
+            assert not isinstance(info.value, RequestFailed)  # refused before sending
+        assert len(client.generate("the", 3, seed=[2**63 - 1, -(2**63)])) == 3
