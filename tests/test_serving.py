@@ -23,7 +23,7 @@ from tensorflow_serving.apis import (
 from charrnn_keras import cli
 from charrnn_keras import model as model_lib
 from charrnn_keras.errors import CharRNNError, ServingError
-from charrnn_keras.export import TMP_PREFIX, export_run, load_sampling_model
+from charrnn_keras.export import export_run, load_sampling_model
 from charrnn_keras.serving import names
 from charrnn_keras.serving.client import Client, RequestFailed
 from charrnn_keras.serving.server import start_server
@@ -236,7 +236,7 @@ def test_error_codes(stub, address):
 def test_new_version_is_served_without_restart(tiny_run, tmp_path):
     export_dir = tmp_path / "export"
     export_run(tiny_run, export_dir, MODEL)
-    with start_server(export_dir, MODEL, port=0, poll_seconds=0.1) as running:
+    with start_server(export_dir, MODEL, port=0, poll_seconds=0.1, max_load_retries=0) as running:
         with Client(f"127.0.0.1:{running.port}", MODEL) as client:
             before = client.generate("the", 20, 1.0, 0, 1)
             export_run(tiny_run, export_dir, MODEL, max_chars=20)  # version 2
@@ -264,7 +264,7 @@ def test_new_version_is_served_without_restart(tiny_run, tmp_path):
 def test_server_refuses_unusable_directories_and_taken_ports(tmp_path, export_dir, server):
     with pytest.raises(CharRNNError, match="does not exist"):
         start_server(tmp_path / "missing", MODEL, port=0)
-    (tmp_path / "export" / MODEL / f"{TMP_PREFIX}1-abc").mkdir(parents=True)  # half an export
+    (tmp_path / "export" / MODEL / ".1.tmp123").mkdir(parents=True)  # half an export
     with pytest.raises(CharRNNError, match="no exported version"):
         start_server(tmp_path / "export", MODEL, port=0)
     with pytest.raises(CharRNNError, match="model name"):

@@ -206,10 +206,23 @@ class Client:
         response.metadata["signature_def"].Unpack(signatures)
         return dict(signatures.signature_def)
 
-    def status(self) -> dict[int, str]:
-        """Returns {version: state name} from ModelService.GetModelStatus, e.g. {2: 'AVAILABLE'}."""
+    def status(self, details: bool = False) -> dict:
+        """Returns {version: state name} from ModelService.GetModelStatus, e.g. {2: 'AVAILABLE'}.
+
+        Args:
+            details: return {version: (state name, error code name, error message)} instead;
+                a version that failed to load has its error there, e.g.
+                ``('END', 'DATA_LOSS', "Error parsing message...")``; ``('AVAILABLE', 'OK', '')``.
+        """
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request)
         response = self._call(self._models.GetModelStatus, request)
         state = get_model_status_pb2.ModelVersionStatus.State
-        return {s.version: state.Name(s.state) for s in response.model_version_status}
+        codes = {code.value[0]: code.name for code in grpc.StatusCode}
+        if not details:
+            return {s.version: state.Name(s.state) for s in response.model_version_status}
+        return {
+            s.version: (state.Name(s.state), codes.get(s.status.error_code, "UNKNOWN"),
+                        s.status.error_message)
+            for s in response.model_version_status
+        }  # fmt: skip
