@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -26,6 +27,7 @@ from charrnn_keras.errors import CharRNNError, ServingError
 from charrnn_keras.export import export_run, load_sampling_model
 from charrnn_keras.serving import names
 from charrnn_keras.serving.client import Client, RequestFailed
+from charrnn_keras.serving.lanes import RequestError
 from charrnn_keras.serving.server import start_server
 
 MODEL = "charrnn"
@@ -296,3 +298,182 @@ def test_client_refuses_numbers_outside_the_signature_dtypes(address):
                 client.generate("the", **kwargs)
             assert not isinstance(info.value, RequestFailed)  # refused before sending
         assert len(client.generate("the", 3, seed=[2**63 - 1, -(2**63)])) == 3
+
+
+# ----------------------------------------------------------------------------- versions (item 9)
+
+
+def _copy_version(src, dst, with_variables=True):
+    dst.mkdir(parents=True)
+    shutil.copy(src / "saved_model.pb", dst / "saved_model.pb")
+    if with_variables:
+        shutil.copytree(src / "variables", dst / "variables")
+
+
+def test_versions_follow_their_folders_as_in_tf_serving(tiny_run, tmp_path):
+    """Deleted versions are unloaded (the highest left is served), a half-copied version is
+    loaded once complete, and a failed load says why in GetModelStatus."""
+    export_dir = tmp_path / "export"
+    v1 = export_run(tiny_run, export_dir, MODEL)
+    export_run(tiny_run, export_dir, MODEL, max_chars=20)
+    # The poller never runs here: refresh() is called by hand, so each step is deterministic.
+    with start_server(export_dir, MODEL, port=0, poll_seconds=3600) as running:
+        refresh = running.manager.refresh
+        with Client(f"127.0.0.1:{running.port}", MODEL) as client:
+            assert client.status() == {2: "AVAILABLE"}
+            shutil.rmtree(export_dir / MODEL / "2")
+            refresh()
+            assert client.status() == {1: "AVAILABLE", 2: "END"}
+            assert client.metadata()[names.MAX_CHARS] == names.DEFAULT_MAX_CHARS
+            client._metadata = None
+            # Half copied: saved_model.pb there, variables not yet.
+            _copy_version(v1, export_dir / MODEL / "3", with_variables=False)
+            refresh()
+            state, code, message = client.status(details=True)[3]
+            assert state == "LOADING" and code != "OK" and message, (state, code, message)
+            assert client.status()[1] == "AVAILABLE"  # still serving the version before
+            shutil.copytree(v1 / "variables", export_dir / MODEL / "3" / "variables")
+            refresh()  # the files changed: tried again at once, not after the retry interval
+            assert client.status(details=True)[3] == ("AVAILABLE", "OK", "")
+            assert client.status()[1] == "END"
+            for version in (1, 3):
+                shutil.rmtree(export_dir / MODEL / str(version))
+            refresh()
+            assert set(client.status().values()) == {"END"}
+            with pytest.raises(RequestFailed) as info:
+                client.generate("the", 5)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            export_run(tiny_run, export_dir, MODEL, version=2)  # the number comes back
+            refresh()
+            assert client.status()[2] == "AVAILABLE" and len(client.generate("the", 5)) == 5
+
+
+def test_only_version_broken_reports_why_and_load_retries(tmp_path, monkeypatch):
+    from charrnn_keras.serving import versions
+
+    broken = tmp_path / "export" / MODEL / "1"
+    broken.mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+    attempts = []
+    real = versions.LoadedVersion
+
+    def counted(*args, **kwargs):
+        attempts.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(versions, "LoadedVersion", counted)
+    now = [0.0]
+    manager = versions.ModelManager(
+        tmp_path / "export", MODEL, max_load_retries=2, load_retry_seconds=60, clock=lambda: now[0]
+    )
+    spec = predict_pb2.PredictRequest().model_spec
+    spec.name = MODEL
+
+    def status():
+        (s,) = manager.status(spec)
+        return get_model_status_pb2.ModelVersionStatus.State.Name(s.state), s.status
+
+    try:
+        state, error = status()
+        assert state == "LOADING" and error.error_code != 0 and error.error_message
+        manager.refresh()  # before the retry interval: not tried again
+        assert attempts == [1]
+        for t in (60.0, 120.0, 500.0):
+            now[0] = t
+            manager.refresh()
+        assert attempts == [1, 1, 1]  # the first load and max_load_retries retries
+        state, error = status()
+        assert state == "END" and error.error_code != 0 and "SavedModel" in error.error_message
+        with pytest.raises(RequestError) as info, manager.acquire(spec):
+            pass
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        manager.close()
+
+
+def test_versions_that_do_not_fit_int64_are_ignored(tiny_run, tmp_path):
+    """Issue 15, item 5: TF Serving skips folders that do not parse as an int64."""
+    from charrnn_keras.serving.versions import ModelManager
+
+    export_dir = tmp_path / "export"
+    v1 = export_run(tiny_run, export_dir, MODEL)
+    huge = export_dir / MODEL / "99999999999999999999"
+    _copy_version(v1, huge)
+    assert names.list_versions(export_dir / MODEL) == [1]
+    assert names.is_version_name(str(2**63 - 1)) and not names.is_version_name(str(2**63))
+    manager = ModelManager(export_dir, MODEL)
+    try:
+        spec = predict_pb2.PredictRequest().model_spec
+        spec.name = MODEL
+        assert [s.version for s in manager.status(spec)] == [1]
+        with manager.acquire(spec) as loaded:
+            assert loaded.version == 1
+    finally:
+        manager.close()
+
+
+# ----------------------------------------------------------------------------- long requests
+
+
+def wait_until(condition, what: str, seconds: float = 60.0) -> None:
+    """Waits for a condition the server reaches by itself (not a timing assertion)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+
+
+ENDLESS = 10**6  # characters: minutes of work, so a run still going is a run not yet stopped
+
+
+@pytest.fixture(scope="module")
+def long_export(tiny_run, tmp_path_factory):
+    export_dir = tmp_path_factory.mktemp("long-export")
+    export_run(tiny_run, export_dir, MODEL, max_chars=ENDLESS)
+    return export_dir
+
+
+def test_long_generations_have_their_own_lane_and_stop_when_the_client_leaves(long_export):
+    """Items 7 and 8: long requests run one at a time in the heavy lane and queue behind it;
+    short ones are answered meanwhile; a full queue is RESOURCE_EXHAUSTED; a queued request
+    whose client leaves never starts, and a running one is stopped (its Session closed)."""
+    with start_server(long_export, MODEL, port=0, poll_seconds=3600, max_workers=4) as running:
+        loaded = running.manager.current
+        lane, outcomes = loaded.lane, running.manager.outcomes
+        address = f"127.0.0.1:{running.port}"
+        with grpc.insecure_channel(address) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            endless = generate_request(num_chars=np.int32(ENDLESS))
+            first = stub.Predict.future(endless)  # no deadline, as a killed client's
+            wait_until(lambda: lane.running == 1, "the first long request runs")
+            second = stub.Predict.future(endless)
+            wait_until(lambda: lane.waiting == 1, "the second long request waits")
+            assert _rpc_code(lambda: stub.Predict(endless, timeout=30)) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+            short = stub.Predict(generate_request(num_chars=np.int32(20)), timeout=30)
+            assert len(short.outputs[names.TEXT].string_val[0]) == 20
+            second.cancel()
+            wait_until(lambda: outcomes.snapshot().get("dropped") == 1, "the queued one dropped")
+            first.cancel()
+            wait_until(lambda: outcomes.snapshot().get("cancelled") == 1, "the running one stops")
+            wait_until(lambda: lane.running == 0, "the lane is free")
+        with Client(address, MODEL) as client:
+            assert len(client.generate("the", 5000)) == 5000  # heavy, on the reloaded Session
+        counts = outcomes.snapshot()
+        assert counts.get("refused") == 1 and counts.get("failed") is None, counts
+
+
+def test_a_request_whose_client_left_is_not_started(server):
+    from charrnn_keras.serving.lanes import Call
+
+    loaded, outcomes = server.manager.current, server.manager.outcomes
+    before = outcomes.snapshot()
+    call = Call()
+    call.cancel()
+    with pytest.raises(RequestError) as info:
+        loaded.predict(generate_request(num_chars=np.int32(5)), call=call)
+    assert info.value.code == grpc.StatusCode.CANCELLED
+    after = outcomes.snapshot()
+    assert after.get("dropped", 0) == before.get("dropped", 0) + 1
+    assert after.get("completed") == before.get("completed")
