@@ -126,7 +126,7 @@ def test_existing_version_is_never_overwritten(tiny_run, export_dir, exported, c
 def test_user_errors(tiny_run, tmp_path):
     with pytest.raises(CharRNNError, match="model name"):
         export_run(tiny_run, tmp_path, "../up")
-    with pytest.raises(CharRNNError, match="0 or more"):
+    with pytest.raises(CharRNNError, match="version must be from 0 to"):
         export_run(tiny_run, tmp_path, "charrnn", version=-1)
     empty = random_run(tmp_path / "run", "lstm")
     (empty / "checkpoints" / "best.weights.h5").unlink()
