@@ -298,6 +298,8 @@ def test_client_refuses_numbers_outside_the_signature_dtypes(address):
                 client.generate("the", **kwargs)
             assert not isinstance(info.value, RequestFailed)  # refused before sending
         assert len(client.generate("the", 3, seed=[2**63 - 1, -(2**63)])) == 3
+    with pytest.raises(ServingError, match="version"):
+        Client(address, MODEL, version=2**63)
 
 
 # ----------------------------------------------------------------------------- versions (item 9)

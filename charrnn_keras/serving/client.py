@@ -55,6 +55,8 @@ class Client:
         timeout: float = 30.0,
         version: int | None = None,
     ):
+        if version is not None:  # the ModelSpec's int64; protobuf would raise a ValueError
+            version = names.check_int("version", version, "int64", minimum=0)
         self.server, self.model_name, self.timeout, self.version = (
             server, model_name, timeout, version)  # fmt: skip
         options = [
