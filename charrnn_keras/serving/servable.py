@@ -140,6 +140,9 @@ class LoadedVersion:
                 a worker and the CPU.
             call: the client's Call: a request whose client has left is not started, and a
                 long generation running in the heavy lane is stopped when its client leaves.
+
+        Returns:
+            {output alias: numpy value}.
         """
         name = request.model_spec.signature_name or names.SERVING_DEFAULT
         signature = self.signatures.get(name)
