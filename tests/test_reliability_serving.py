@@ -446,7 +446,7 @@ def test_short_deadline_is_exceeded_and_the_work_is_cancelled(export_dir):
                 with pytest.raises(grpc.RpcError) as info:
                     call.result()
                 assert info.value.code() == Codes.DEADLINE_EXCEEDED
-        stopped = ("dropped", "cancelled", "deadline")
+        stopped = ("dropped", "cancelled", "deadline", "refused")  # none of them ran to the end
         deadline = time.monotonic() + 60  # a condition the server reaches, not a time limit
         while sum(outcomes.snapshot().get(k, 0) for k in (*stopped, "completed")) < 8:
             assert time.monotonic() < deadline, outcomes.snapshot()
