@@ -119,14 +119,23 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr (argparse prints usage first)."""
 
     def error(self, message):
+        """Prints ``<prog>: error: <message>`` as one line and exits with status 2."""
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
-def _number(dtype: str, minimum: int | None = None):
+def _number(dtype: str, minimum: int | None = None, maximum: int | None = None):
     """An argparse ``type`` for a number that becomes ``dtype`` (int32, int64, float32).
 
     A value outside the dtype is refused here, as argparse refuses ``-n abc``, instead of
     wrapping or overflowing once it reaches numpy or the SavedModel.
+
+    Args:
+        dtype: ``int32``, ``int64`` or ``float32``.
+        minimum: the smallest whole number allowed, if above the dtype's.
+        maximum: the largest whole number allowed, if below the dtype's.
+
+    Returns:
+        The conversion function for ``add_argument(type=...)``.
     """
     from charrnn_keras.serving import names
 
@@ -146,6 +155,7 @@ def _number(dtype: str, minimum: int | None = None):
             return value
         low, high = names.INT64_RANGE if dtype == "int64" else names.INT32_RANGE
         low = low if minimum is None else max(low, minimum)
+        high = high if maximum is None else min(high, maximum)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be from {low} to {high} ({dtype}), got {text}")
         return value
@@ -255,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default="export", help="TF Serving base path")
     p.add_argument("--model-name", default="charrnn")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    p.add_argument("--port", type=_number("int32", 0), default=8500)
+    p.add_argument("--port", type=_number("int32", 0, 65535), default=8500)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="ask a TF Serving server for text")
