@@ -57,7 +57,15 @@ class Call:
 
     @classmethod
     def of(cls, context) -> Call:
-        """Returns the Call of a gRPC servicer context (already cancelled if the RPC ended)."""
+        """Returns the Call of a gRPC servicer context.
+
+        Args:
+            context: the servicer context of the RPC.
+
+        Returns:
+            A Call, already cancelled if the RPC has ended (its client left while it waited
+            for a worker thread).
+        """
         call = cls()
         if not context.add_callback(call.cancel):
             call.cancel()
@@ -77,7 +85,11 @@ class Call:
 
     @contextlib.contextmanager
     def on_cancel(self, hook: Callable[[], None]):
-        """Runs ``hook`` if the client leaves while the ``with`` block runs (at once if gone)."""
+        """Runs ``hook`` if the client leaves while the ``with`` block runs (at once if gone).
+
+        Args:
+            hook: a function of no arguments, called at most once, from gRPC's thread.
+        """
         key = id(hook)
         with self._lock:
             gone = self._cancelled
@@ -104,6 +116,7 @@ class Outcomes:
             self._counts[outcome] += 1
 
     def snapshot(self) -> dict[str, int]:
+        """Returns {outcome: count} so far."""
         with self._lock:
             return dict(self._counts)
 

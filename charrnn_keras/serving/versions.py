@@ -182,7 +182,14 @@ class ModelManager:
 
     @contextlib.contextmanager
     def acquire(self, model_spec):
-        """Yields the LoadedVersion a ModelSpec asks for; raises RequestError if none."""
+        """Yields the LoadedVersion a ModelSpec asks for, in use until the block ends.
+
+        Args:
+            model_spec: the request's ModelSpec (name, optional version).
+
+        Raises RequestError NOT_FOUND, with TF Serving's message, when no such version is
+        served.
+        """
         if model_spec.version_label:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -213,6 +220,12 @@ class ModelManager:
 
         A version whose load failed carries the error in ``status.error_code`` and
         ``status.error_message``, as TF Serving reports it.
+
+        Args:
+            model_spec: the request's ModelSpec (name, optional version).
+
+        Returns:
+            ModelVersionStatus messages, lowest version first.
         """
         with self._lock:
             records = {v: (r.state, r.error) for v, r in self._records.items()
