@@ -453,6 +453,10 @@ def test_long_generations_have_their_own_lane_and_stop_when_the_client_leaves(lo
             assert _rpc_code(lambda: stub.Predict(endless, timeout=30)) == (
                 grpc.StatusCode.RESOURCE_EXHAUSTED
             )
+            over_cap = generate_request(num_chars=np.int32(ENDLESS + 1))  # refused, not queued
+            assert _rpc_code(lambda: stub.Predict(over_cap, timeout=30)) == (
+                grpc.StatusCode.INVALID_ARGUMENT
+            )
             short = stub.Predict(generate_request(num_chars=np.int32(20)), timeout=30)
             assert len(short.outputs[names.TEXT].string_val[0]) == 20
             second.cancel()
@@ -463,7 +467,7 @@ def test_long_generations_have_their_own_lane_and_stop_when_the_client_leaves(lo
         with Client(address, MODEL) as client:
             assert len(client.generate("the", 5000)) == 5000  # heavy, on the reloaded Session
         counts = outcomes.snapshot()
-        assert counts.get("refused") == 1 and counts.get("failed") is None, counts
+        assert counts.get("refused") == 1 and counts.get("failed") == 1, counts  # over the cap
 
 
 def test_a_request_whose_client_left_is_not_started(server):

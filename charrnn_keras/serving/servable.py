@@ -85,7 +85,7 @@ class LoadedVersion:
         self.signatures = dict(meta.signature_def)
         self._lock = threading.Lock()
         self._users, self._retired = 0, False
-        self.lane = None
+        self.lane, self.max_chars = None, _max_chars(self.session, self.signatures)
         generate = self.signatures.get(names.GENERATE)
         if heavy_slots > 0 and generate is not None and names.NUM_CHARS in generate.inputs:
             try:
@@ -178,7 +178,7 @@ class LoadedVersion:
         call = call or Call()
         fetches = {a: signature.outputs[a].name for a in aliases}
         try:
-            if self.lane is not None and _cost(arrays) > self.heavy_cost:
+            if self.lane is not None and self._is_heavy(arrays):
                 out = self.lane.run(fetches, feed, call, options, deadline)
             elif call.cancelled:  # its client left while it waited for a worker thread
                 self.outcomes.add("dropped")
@@ -193,6 +193,13 @@ class LoadedVersion:
             raise RequestError(code, _clean_message(e.message)) from None
         self.outcomes.add("completed")
         return out
+
+    def _is_heavy(self, arrays: dict) -> bool:
+        if _cost(arrays) <= self.heavy_cost:
+            return False
+        # A num_chars the model refuses is refused at once, not after waiting for the lane.
+        num_chars = int(arrays[names.NUM_CHARS])
+        return self.max_chars is None or 0 <= num_chars <= self.max_chars
 
     def warm_up(self) -> None:
         """Runs every predict signature once on placeholder inputs (as TF Serving's warmup).
@@ -213,6 +220,17 @@ def _load(path: Path, config=None):
         session.close()
         raise
     return session, meta
+
+
+def _max_chars(session, signatures: dict) -> int | None:
+    """The export's cap on num_chars (the metadata signature's max_chars), if it has one."""
+    metadata = signatures.get(names.METADATA)
+    if metadata is None or names.MAX_CHARS not in metadata.outputs:
+        return None
+    try:
+        return int(session.run(metadata.outputs[names.MAX_CHARS].name))
+    except tf.errors.OpError:
+        return None
 
 
 def _warm_up(session, signatures: dict) -> None:
