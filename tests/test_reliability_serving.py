@@ -433,11 +433,13 @@ def test_short_deadline_is_exceeded_and_the_work_is_cancelled(export_dir):
     """Long generations abandoned by their clients stop on the server.
 
     Deterministic: instead of the server's CPU time after a sleep, the server's own count of
-    how each request ended. None of the 8 may complete: each is stopped while it waits for the
-    heavy lane (dropped), or while it runs (its Session closed, or the Session run's timeout).
+    how each request ended. None may complete: each is stopped while it waits for the heavy
+    lane (dropped), or while it runs (its Session closed, or the Session run's timeout). gRPC
+    itself drops a request whose deadline passed before a worker thread read it, so not all 8
+    need reach the model; one that starts later finds its client gone and is not run.
     """
     with start_server(export_dir, MODEL, port=0, poll_seconds=3600) as running:
-        outcomes = running.manager.outcomes
+        outcomes, loaded = running.manager.outcomes, running.manager.current
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             long = generate_request(num_chars=np.int32(names.DEFAULT_MAX_CHARS))
@@ -447,12 +449,18 @@ def test_short_deadline_is_exceeded_and_the_work_is_cancelled(export_dir):
                     call.result()
                 assert info.value.code() == Codes.DEADLINE_EXCEEDED
         stopped = ("dropped", "cancelled", "deadline", "refused")  # none of them ran to the end
+
+        def settled() -> bool:
+            counts = outcomes.snapshot()
+            ended = sum(counts.get(k, 0) for k in (*stopped, "completed"))
+            return ended >= 1 and loaded.in_use == 0 and loaded.lane.running == 0
+
         deadline = time.monotonic() + 60  # a condition the server reaches, not a time limit
-        while sum(outcomes.snapshot().get(k, 0) for k in (*stopped, "completed")) < 8:
+        while not settled():
             assert time.monotonic() < deadline, outcomes.snapshot()
             time.sleep(0.01)
         counts = outcomes.snapshot()
-        assert sum(counts.get(k, 0) for k in stopped) == 8 and "completed" not in counts, counts
+        assert "completed" not in counts and sum(counts.get(k, 0) for k in stopped) >= 1, counts
         with Client(f"127.0.0.1:{running.port}", MODEL, timeout=REQUEST_TIMEOUT) as client:
             assert len(client.generate("the ", 1000, 1.0, 0, 3)) == 1000  # long ones still work
             assert len(client.generate("the ", 5000, 1.0, 0, 3)) == 5000  # in the heavy lane

@@ -213,10 +213,16 @@ class HeavyLane:
                         self._cond.wait(left)
             finally:
                 self.waiting -= 1
-            if call.cancelled or not self._free:
+            if call.cancelled or self._closed:
                 self._outcomes.add("dropped")
                 raise RequestError(
                     grpc.StatusCode.CANCELLED, "the client left before the request started"
+                )
+            if not self._free:  # our clock reached the deadline before gRPC's did
+                self._outcomes.add("deadline")
+                raise RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "deadline exceeded while waiting for the long generations before it",
                 )
             self.running += 1
             return self._free.pop()

@@ -116,6 +116,12 @@ class LoadedVersion:
             if close:
                 self._close()
 
+    @property
+    def in_use(self) -> int:
+        """Requests using this version now (running, or waiting for the heavy lane)."""
+        with self._lock:
+            return self._users
+
     def retire(self) -> None:
         """Closes the Sessions now, or when the last running request ends."""
         with self._lock:
