@@ -90,10 +90,12 @@ def session_runner(loaded: LoadedVersion, signature: str):
 def generate_inputs(batch: int, chars: int, seed: int = 0) -> dict:
     return {
         names.PRIME: np.array([PRIME.encode()] * batch, object),
-        names.NUM_CHARS: np.int32(chars),
-        names.TEMPERATURE: np.float32(1.0),
-        names.TOP_K: np.int32(0),
-        names.SEED: np.array([seed, 0], np.int64),
+        names.NUM_CHARS: np.full([batch], chars, np.int32),
+        names.TEMPERATURE: np.ones([batch], np.float32),
+        names.TOP_K: np.zeros([batch], np.int32),
+        names.TOP_P: np.ones([batch], np.float32),
+        names.SEED: np.array([[seed + row, 0] for row in range(batch)], np.int64),
+        names.STRATEGY: np.array([b"sample"] * batch, object),
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from charrnn_keras import startup
 from charrnn_keras.atomic import storage_error
-from charrnn_keras.errors import CharRNNError, SamplingError, StorageError, option
+from charrnn_keras.errors import CharRNNError, StorageError
 from charrnn_keras.limits import STRATEGIES, UNKNOWN
 from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
 
@@ -118,8 +119,6 @@ def cmd_query(args) -> int:
     from charrnn_keras.serving.client import Client
 
     n = args.num_samples
-    if n < 1:
-        raise SamplingError(f"{option('num_samples')} must be 1 or more, got {n}")
     with Client(args.server, args.model_name, timeout=args.timeout) as client:
         texts = client.generate(
             [args.prime] * n,
@@ -137,21 +136,67 @@ def cmd_query(args) -> int:
     return 0
 
 
+def _number(dtype: str, minimum: int | None = None, maximum: int | None = None):
+    """An argparse ``type`` for a number that becomes ``dtype`` (int32, int64, float32).
+
+    A value outside the dtype is refused here, as argparse refuses ``-n abc``, instead of
+    wrapping or overflowing once it reaches numpy or the SavedModel.
+
+    Args:
+        dtype: ``int32``, ``int64`` or ``float32``.
+        minimum: the smallest whole number allowed, if above the dtype's.
+        maximum: the largest whole number allowed, if below the dtype's.
+
+    Returns:
+        The conversion function for ``add_argument(type=...)``.
+    """
+    from charrnn_keras.serving import names
+
+    def convert(text: str):
+        try:
+            value = float(text) if dtype == "float32" else int(text)
+        except ValueError:
+            kind = "a number" if dtype == "float32" else "a whole number"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        if dtype == "float32":
+            # NaN, inf and negatives are the library's to refuse (its message says why); only
+            # finite values that float32 cannot hold are refused here.
+            if math.isfinite(value) and abs(value) > names.FLOAT32_MAX:
+                raise argparse.ArgumentTypeError(
+                    f"must be at most {names.FLOAT32_MAX:.4g} in size (a float32), got {text}"
+                )
+            return value
+        low, high = names.INT64_RANGE if dtype == "int64" else names.INT32_RANGE
+        low = low if minimum is None else max(low, minimum)
+        high = high if maximum is None else min(high, maximum)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high} ({dtype}), got {text}")
+        return value
+
+    convert.__name__ = dtype  # argparse names the type in some messages
+    return convert
+
+
 def _add_generation_flags(p, seed_default) -> None:
-    p.add_argument("--num-chars", "-n", type=int, default=500, help="characters to generate")
+    p.add_argument(
+        "--num-chars", "-n", type=_number("int32"), default=500, help="characters to generate"
+    )
     p.add_argument(
         "--temperature",
         "-t",
-        type=float,
+        type=_number("float32"),
         default=1.0,
         help="divides the logits: lower is safer, higher is wilder; 0 = always the most likely",
     )
     p.add_argument(
-        "--top-k", type=int, default=0, help="draw only among the k most likely (0 = all)"
+        "--top-k",
+        type=_number("int32"),
+        default=0,
+        help="draw only among the k most likely (0 = all)",
     )
     p.add_argument(
         "--top-p",
-        type=float,
+        type=_number("float32"),
         default=1.0,
         help="nucleus sampling: draw only among the most likely characters whose probabilities "
         "add up to P, after the temperature (1 = all)",
@@ -166,14 +211,14 @@ def _add_generation_flags(p, seed_default) -> None:
     p.add_argument(
         "--num-samples",
         "-N",
-        type=int,
+        type=_number("int32", 1),
         default=1,
         help="write N samples in one batched call, with seeds S, S+1, ... (each the text "
         "its seed gives alone)",
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_number("int64"),
         default=seed_default,
         help="same seed, same text (the SavedModel seed [S, 0]); default %(default)s",
     )
@@ -254,9 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights file (default: the best checkpoint)")
     p.add_argument("--export-dir", default="export", help="TF Serving base path")
     p.add_argument("--model-name", default="charrnn", help="model name (a folder in export-dir)")
-    p.add_argument("--version", type=int, help="version number (default: next free)")
     p.add_argument(
-        "--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="cap on num_chars per request"
+        "--version", type=_number("int64", 0), help="version number (default: next free)"
+    )
+    p.add_argument(
+        "--max-chars",
+        type=_number("int32", 0),
+        default=DEFAULT_MAX_CHARS,
+        help="cap on num_chars per request",
     )
     p.set_defaults(func=cmd_export)
 
@@ -264,14 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default="export", help="TF Serving base path")
     p.add_argument("--model-name", default="charrnn")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8500)
+    p.add_argument("--port", type=_number("int32", 0, 65535), default=8500)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="ask a TF Serving server for text")
     p.add_argument("--server", default="localhost:8500")
     p.add_argument("--model-name", default="charrnn")
     p.add_argument("--prime", "-p", default="")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    p.add_argument("--timeout", type=_number("float32"), default=30.0, help="seconds")
     _add_generation_flags(p, seed_default=0)
     p.set_defaults(func=cmd_query)
     return parser

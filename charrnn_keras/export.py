@@ -16,23 +16,18 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from charrnn_keras import generation
-from charrnn_keras.atomic import storage_error
+from charrnn_keras import atomic, generation
 from charrnn_keras.errors import ServingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES
 from charrnn_keras.serving import names
 
 log = logging.getLogger(__name__)
-
-TMP_PREFIX = "tmp-"  # not all digits, so TF Serving never takes a half-written export
 
 
 class ExportModule:
@@ -182,26 +177,35 @@ def export_run(
 ) -> Path:
     """Writes ``export_dir/model_name/version/`` atomically and refreshes ``models.config``.
 
+    The version folder is written under a temporary name (``atomic.replacing``) with the
+    umask's permissions, so a TF Serving running as another user can read it; temporaries that
+    a killed export left behind are removed first.
+
     Args:
         run_dir: a run directory from ``charrnn train``.
         export_dir: TF Serving's base directory (one folder per model).
         model_name: the model's folder and serving name.
-        version: the version to write (default: one above the highest present); never replaced.
+        version: the version to write, 0 to 2**63-1 (TF Serving's int64; default: one above
+            the highest present); never replaced.
         checkpoint: a weights file (default: the best, else the latest checkpoint).
-        max_chars: the largest ``num_chars`` a ``generate`` request may ask for.
+        max_chars: the largest ``num_chars`` a ``generate`` request may ask for, 0 to
+            2**31-1 (the signature's int32).
 
     Returns:
         The path of the new version directory.
     """
     names.check_model_name(model_name)
-    if max_chars < 0:
-        raise ServingError(f"{option('max_chars')} must be 0 or more, got {max_chars}")
+    max_chars = names.check_int("max_chars", max_chars, "int32", minimum=0)
     model_dir = Path(export_dir) / model_name
     if version is None:
         existing = names.list_versions(model_dir, complete_only=False)
         version = existing[-1] + 1 if existing else 1
-    elif version < 0:
-        raise ServingError(f"{option('version')} must be 0 or more, got {version}")
+        if version > names.INT64_RANGE[1]:
+            raise ServingError(
+                f"{model_dir} already holds version {existing[-1]}, the largest TF Serving "
+                f"accepts; choose a free one with {option('version')}"
+            )
+    version = names.check_int("version", version, "int64", minimum=0)
     final = model_dir / str(version)
     if final.exists():
         raise ServingError(f"{final} already exists; versions are never overwritten")
@@ -209,30 +213,24 @@ def export_run(
     archive = ExportModule(model, cfg, vocab, max_chars).archive()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{version}-", dir=model_dir))
     except OSError as e:  # a read-only or full export_dir; e.filename is the folder refused
-        raise storage_error(e, e.filename or final) from None
+        raise atomic.storage_error(e, e.filename or model_dir) from None
+    atomic.remove_stale(model_dir)
     try:
-        archive.write_out(str(tmp), verbose=False)
-        try:
-            # rename() refuses a non-empty target, so a racing export's version survives.
-            os.rename(tmp, final)
-        except OSError:
-            raise ServingError(
-                f"{final} appeared while exporting; versions are never overwritten"
-            ) from None
-    except (OSError, tf.errors.OpError) as e:
+        # The temporary name is not all digits, so TF Serving never takes a half-written export.
+        with atomic.replacing(final, folder=True) as tmp:
+            archive.write_out(str(tmp), verbose=False)
+            write_warmup(tmp, model_name)
+    except OSError:  # rename() refuses a non-empty target, so a racing export's version stays
+        raise ServingError(
+            f"{final} appeared while exporting; versions are never overwritten"
+        ) from None
+    except tf.errors.OpError as e:  # TensorFlow reports the file system's refusals as its own
         error = _storage_error(e, final)
         if error is None:  # not the file system's refusal: a bug, keep its traceback
             raise
         raise error from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_models_config(export_dir)
-    except OSError as e:
-        raise storage_error(e, Path(export_dir) / names.MODELS_CONFIG) from None
+    write_models_config(export_dir)
     log.info("exported %s", final)
     return final
 
@@ -243,20 +241,22 @@ _MESSAGE_ERRNOS = {"No space left": errno.ENOSPC, "Read-only file system": errno
                    "Permission denied": errno.EACCES, "Disk quota": errno.EDQUOT}  # fmt: skip
 
 
-def _storage_error(e: Exception, path: Path) -> StorageError | None:
-    """Returns the StorageError for a write of ``path`` that failed with ``e``, or None."""
-    if isinstance(e, OSError):
-        return storage_error(e, path)
+def _storage_error(e: tf.errors.OpError, path: Path) -> StorageError | None:
+    """Returns the StorageError for a write of ``path`` that TensorFlow refused with ``e``, or
+    None when ``e`` is not the file system's refusal."""
     code = _TF_ERRNOS.get(type(e).__name__) or next(
         (n for text, n in _MESSAGE_ERRNOS.items() if text in str(e)), None
     )
     if code is None:
         return None
-    return storage_error(OSError(code, os.strerror(code), str(path)), path)
+    return atomic.storage_error(OSError(code, os.strerror(code), str(path)), path)
 
 
 def write_models_config(export_dir, base_path: str | None = None) -> Path:
     """Writes ``export_dir/models.config`` listing every model folder, in TF Serving's format.
+
+    The file is a ``ModelServerConfig`` text proto built with TF Serving's own message and
+    ``text_format``, so any path (quotes, backslashes, non-ASCII) is escaped as TF Serving reads it.
 
     Args:
         export_dir: TF Serving's base directory.
@@ -267,29 +267,20 @@ def write_models_config(export_dir, base_path: str | None = None) -> Path:
     Returns:
         The path of the written file.
     """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
     export_dir = Path(export_dir)
     base_path = str(export_dir.resolve()) if base_path is None else base_path
     models = sorted(p.name for p in export_dir.iterdir() if p.is_dir() and names.list_versions(p))
-    base_path = base_path.rstrip("/").replace("\\", "\\\\").replace('"', '\\"')  # text proto
-    lines = ["model_config_list {"]
+    config = model_server_config_pb2.ModelServerConfig()
     for name in models:
-        lines += [
-            "  config {",
-            f'    name: "{name}"',
-            f'    base_path: "{base_path}/{name}"',
-            '    model_platform: "tensorflow"',
-            "  }",
-        ]
-    lines.append("}")
+        config.model_config_list.config.add(
+            name=name, base_path=f"{base_path.rstrip('/')}/{name}", model_platform="tensorflow"
+        )
     path = export_dir / names.MODELS_CONFIG
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, text_format.MessageToString(config, as_utf8=True))
     return path
-
-
-WARMUP_DIR = "assets.extra"
-WARMUP_FILE = "tf_serving_warmup_requests"
 
 
 def warmup_requests(model_name: str) -> list:
@@ -332,9 +323,9 @@ def write_warmup(saved_model_dir, model_name: str) -> Path:
     Returns:
         The path of the TFRecord file.
     """
-    folder = Path(saved_model_dir) / WARMUP_DIR
+    folder = Path(saved_model_dir) / names.WARMUP_DIR
     folder.mkdir(exist_ok=True)
-    path = folder / WARMUP_FILE
+    path = folder / names.WARMUP_FILE
     with tf.io.TFRecordWriter(str(path)) as writer:
         for log in warmup_requests(model_name):
             writer.write(log.SerializeToString())

@@ -15,11 +15,11 @@ import pytest
 import tensorflow as tf
 from reference import reference_generate
 
-from charrnn_keras import cli, generation
+from charrnn_keras import atomic, cli, generation
 from charrnn_keras import model as model_lib
 from charrnn_keras.config import Config, ModelConfig
 from charrnn_keras.errors import CharRNNError
-from charrnn_keras.export import TMP_PREFIX, export_run
+from charrnn_keras.export import export_run
 from charrnn_keras.sampling import Sampler
 from charrnn_keras.serving import names
 from charrnn_keras.vocab import Vocab
@@ -130,7 +130,7 @@ def test_existing_version_is_never_overwritten(tiny_run, export_dir, exported, c
 def test_user_errors(tiny_run, tmp_path):
     with pytest.raises(CharRNNError, match="model name"):
         export_run(tiny_run, tmp_path, "../up")
-    with pytest.raises(CharRNNError, match="0 or more"):
+    with pytest.raises(CharRNNError, match="version must be from 0 to"):
         export_run(tiny_run, tmp_path, "charrnn", version=-1)
     empty = random_run(tmp_path / "run", "lstm")
     (empty / "checkpoints" / "best.weights.h5").unlink()
@@ -354,7 +354,7 @@ def test_export_is_atomic_when_killed(tmp_path):
     try:
         deadline = time.monotonic() + 90
         # Kill once the SavedModel is being written into the temporary folder.
-        while not any(model_dir.glob(f"{TMP_PREFIX}*/*")):
+        while not any(model_dir.glob(".*.tmp*/*")):
             assert proc.poll() is None, "export finished before it could be killed"
             assert time.monotonic() < deadline, "export never started writing"
             time.sleep(0.005)
@@ -362,6 +362,91 @@ def test_export_is_atomic_when_killed(tmp_path):
     finally:
         proc.wait()
     assert names.list_versions(model_dir, complete_only=False) == []
-    assert [p.name.startswith(TMP_PREFIX) for p in model_dir.iterdir()] == [True]
-    # The leftover is ignored: the next export is version 1.
+    assert [atomic.is_temp(p.name) for p in model_dir.iterdir()] == [True]
+    # The leftover is ignored and removed (issue 11): the next export is version 1, alone.
     assert export_run(run_dir, tmp_path / "export", "charrnn").name == "1"
+    assert [p.name for p in model_dir.iterdir()] == ["1"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_export_folders_honour_the_umask(tmp_path):
+    """Issue 15, item 10: mkdtemp made every version 0700, unreadable by another user."""
+    run_dir = random_run(tmp_path / "run", "lstm")
+    old = os.umask(0o022)
+    try:
+        path = export_run(run_dir, tmp_path / "export", "charrnn")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert (path / "saved_model.pb").stat().st_mode & 0o777 == 0o644
+
+
+def test_stale_temporaries_of_killed_exports_are_removed(tmp_path):
+    run_dir = random_run(tmp_path / "run", "lstm")
+    model_dir = tmp_path / "export" / "charrnn"
+    stale = model_dir / f".3.tmp{_dead_pid()}"
+    (stale / "variables").mkdir(parents=True)
+    live = model_dir / f".4.tmp{os.getppid()}"  # a live process's write is left alone
+    live.mkdir()
+    assert export_run(run_dir, tmp_path / "export", "charrnn").name == "1"
+    assert not stale.exists() and live.exists()
+
+
+def test_numbers_outside_their_dtype_are_refused(tiny_run, tmp_path, capsys):
+    """Issue 15, items 4 and 5: an int32 cap or an int64 version that would wrap or overflow."""
+    export_dir = tmp_path / "export"
+    for kwargs, words in [
+        ({"max_chars": 3_000_000_000}, "max_chars"),
+        ({"max_chars": -1}, "max_chars"),
+        ({"version": 2**63}, "version"),
+        ({"version": -1}, "version"),
+    ]:
+        with pytest.raises(CharRNNError, match=words):
+            export_run(tiny_run, export_dir, "charrnn", **kwargs)
+    assert not (export_dir / "charrnn").exists()
+    args = ["export", "--run-dir", str(tiny_run), "--export-dir", str(export_dir)]
+    for extra, words in [
+        (["--max-chars", "3000000000"], "argument --max-chars: must be from 0 to 2147483647"),
+        (["--version", "99999999999999999999"], "argument --version: must be from 0 to"),
+        (["--version", "x"], "argument --version: must be a whole number"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            cli.main([*args, *extra])
+        assert info.value.code == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert err.startswith("charrnn export: error: ") and words in err, err
+    assert not (export_dir / "charrnn").exists()
+    # The largest of each is accepted.
+    path = export_run(tiny_run, export_dir, "charrnn", version=2**63 - 1, max_chars=2**31 - 1)
+    assert names.list_versions(export_dir / "charrnn") == [2**63 - 1]
+    meta = tf.saved_model.load(str(path)).signatures[names.METADATA]()
+    assert int(meta[names.MAX_CHARS]) == 2**31 - 1
+    with pytest.raises(CharRNNError, match="largest TF Serving accepts"):
+        export_run(tiny_run, export_dir, "charrnn")
+
+
+def test_models_config_is_a_text_proto_tf_serving_parses(tiny_run, tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from charrnn_keras.export import write_models_config
+
+    export_dir = tmp_path / "export"
+    for name in ("charrnn", "b.model"):
+        version = export_dir / name / "1"
+        version.mkdir(parents=True)
+        (version / "saved_model.pb").write_bytes(b"")
+    (export_dir / "empty").mkdir()  # no version: not listed
+    base = 'C:\\models "quoted" \u00e9\U0001f600\n'
+    path = write_models_config(export_dir, base_path=base)
+    config = text_format.Parse(
+        path.read_text(encoding="utf-8"), model_server_config_pb2.ModelServerConfig()
+    )
+    got = [(c.name, c.base_path, c.model_platform) for c in config.model_config_list.config]
+    assert got == [(n, f"{base}/{n}", "tensorflow") for n in ("b.model", "charrnn")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -21,15 +22,17 @@ from tensorflow_serving.apis import (
 )
 
 from charrnn_keras import cli
-from charrnn_keras.errors import CharRNNError
-from charrnn_keras.export import TMP_PREFIX, export_run
+from charrnn_keras.errors import CharRNNError, ServingError
+from charrnn_keras.export import export_run
 from charrnn_keras.generation import Generator, load_sampling_model
 from charrnn_keras.sampling import Sampler
 from charrnn_keras.serving import names
 from charrnn_keras.serving.client import Client, RequestFailed
+from charrnn_keras.serving.lanes import RequestError
 from charrnn_keras.serving.server import start_server
 
 MODEL = "charrnn"
+ROW_INPUTS = {names.NUM_CHARS, names.TEMPERATURE, names.TOP_K, names.TOP_P, names.STRATEGY}
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +60,10 @@ def in_process(export_dir):
 
     def generate(prime, num_chars, temperature=1.0, top_k=0, seed=0):
         out = fn(
-            prime=tf.constant([prime]), num_chars=tf.constant(num_chars),
-            temperature=tf.constant(temperature, tf.float32), top_k=tf.constant(top_k),
-            seed=tf.constant([seed, 0], tf.int64),
+            prime=tf.constant([prime]), num_chars=tf.constant([num_chars]),
+            temperature=tf.constant([temperature], tf.float32), top_k=tf.constant([top_k]),
+            top_p=tf.constant([1.0]), seed=tf.constant([[seed, 0]], tf.int64),
+            strategy=tf.constant(["sample"]),
         )  # fmt: skip
         return out[names.TEXT].numpy()[0].decode("utf-8")
 
@@ -73,20 +77,30 @@ def stub(address):
 
 
 def generate_request(signature=names.GENERATE, **overrides) -> predict_pb2.PredictRequest:
+    """A generate request; a scalar setting (or a [2] seed) is sent as one value per prime."""
     inputs = {
         names.PRIME: np.array([b"the "], object),
         names.NUM_CHARS: np.int32(10),
         names.TEMPERATURE: np.float32(1.0),
         names.TOP_K: np.int32(0),
+        names.TOP_P: np.float32(1.0),
         names.SEED: np.array([1, 0], np.int64),
+        names.STRATEGY: np.array(b"sample", object),
         **overrides,
     }
+    rows = len(np.ravel(inputs[names.PRIME])) if inputs[names.PRIME] is not None else 1
     request = predict_pb2.PredictRequest()
     request.model_spec.name = MODEL
     request.model_spec.signature_name = signature
     for key, value in inputs.items():
-        if value is not None:
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        if value is None:
+            continue
+        value = np.asarray(value, dtype=getattr(value, "dtype", None))
+        if key == names.SEED and value.ndim == 1:
+            value = np.stack([value] * rows)
+        elif key != names.PRIME and value.ndim == 0 and key in ROW_INPUTS:
+            value = np.full([rows], value, dtype=value.dtype)
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
     return request
 
 
@@ -240,7 +254,7 @@ def test_error_codes(stub, address):
 def test_new_version_is_served_without_restart(tiny_run, tmp_path):
     export_dir = tmp_path / "export"
     export_run(tiny_run, export_dir, MODEL)
-    with start_server(export_dir, MODEL, port=0, poll_seconds=0.1) as running:
+    with start_server(export_dir, MODEL, port=0, poll_seconds=0.1, max_load_retries=0) as running:
         with Client(f"127.0.0.1:{running.port}", MODEL) as client:
             before = client.generate("the", 20, 1.0, 0, 1)
             export_run(tiny_run, export_dir, MODEL, max_chars=20)  # version 2
@@ -268,7 +282,7 @@ def test_new_version_is_served_without_restart(tiny_run, tmp_path):
 def test_server_refuses_unusable_directories_and_taken_ports(tmp_path, export_dir, server):
     with pytest.raises(CharRNNError, match="does not exist"):
         start_server(tmp_path / "missing", MODEL, port=0)
-    (tmp_path / "export" / MODEL / f"{TMP_PREFIX}1-abc").mkdir(parents=True)  # half an export
+    (tmp_path / "export" / MODEL / ".1.tmp123").mkdir(parents=True)  # half an export
     with pytest.raises(CharRNNError, match="no exported version"):
         start_server(tmp_path / "export", MODEL, port=0)
     with pytest.raises(CharRNNError, match="model name"):
@@ -283,3 +297,205 @@ def test_cli_query(address, in_process, capsys):
     assert capsys.readouterr().out == "the " + in_process("the ", 30, 1.0, 0, 4) + "\n"
     assert cli.main(["query", "--server", address, "--model-name", "nope", "-n", "3"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_client_refuses_numbers_outside_the_signature_dtypes(address):
+    """Issue 15, item 4: numpy would wrap or overflow them; one ServingError instead."""
+    with Client(address, MODEL) as client:
+        for kwargs, words in [
+            ({"num_chars": 2**31}, "num_chars"),
+            ({"top_k": 10**20}, "top_k"),
+            ({"seed": 10**20}, "seed"),
+            ({"seed": [1, -(2**63) - 1]}, "seed"),
+            ({"temperature": 1e39}, "temperature"),
+            ({"num_chars": 2.5}, "num_chars"),
+        ]:
+            with pytest.raises(ServingError, match=words) as info:
+                client.generate("the", **kwargs)
+            assert not isinstance(info.value, RequestFailed)  # refused before sending
+        assert len(client.generate("the", 3, seed=[2**63 - 1, -(2**63)])) == 3
+    with pytest.raises(ServingError, match="version"):
+        Client(address, MODEL, version=2**63)
+
+
+# ----------------------------------------------------------------------------- versions (item 9)
+
+
+def _copy_version(src, dst, with_variables=True):
+    dst.mkdir(parents=True)
+    shutil.copy(src / "saved_model.pb", dst / "saved_model.pb")
+    if with_variables:
+        shutil.copytree(src / "variables", dst / "variables")
+
+
+def test_versions_follow_their_folders_as_in_tf_serving(tiny_run, tmp_path):
+    """Deleted versions are unloaded (the highest left is served), a half-copied version is
+    loaded once complete, and a failed load says why in GetModelStatus."""
+    export_dir = tmp_path / "export"
+    v1 = export_run(tiny_run, export_dir, MODEL)
+    export_run(tiny_run, export_dir, MODEL, max_chars=20)
+    # The poller never runs here: refresh() is called by hand, so each step is deterministic.
+    with start_server(export_dir, MODEL, port=0, poll_seconds=3600) as running:
+        refresh = running.manager.refresh
+        with Client(f"127.0.0.1:{running.port}", MODEL) as client:
+            assert client.status() == {2: "AVAILABLE"}
+            shutil.rmtree(export_dir / MODEL / "2")
+            refresh()
+            assert client.status() == {1: "AVAILABLE", 2: "END"}
+            assert client.metadata()[names.MAX_CHARS] == names.DEFAULT_MAX_CHARS
+            client._metadata = None
+            # Half copied: saved_model.pb there, variables not yet.
+            _copy_version(v1, export_dir / MODEL / "3", with_variables=False)
+            refresh()
+            state, code, message = client.status(details=True)[3]
+            assert state == "LOADING" and code != "OK" and message, (state, code, message)
+            assert client.status()[1] == "AVAILABLE"  # still serving the version before
+            shutil.copytree(v1 / "variables", export_dir / MODEL / "3" / "variables")
+            refresh()  # the files changed: tried again at once, not after the retry interval
+            assert client.status(details=True)[3] == ("AVAILABLE", "OK", "")
+            assert client.status()[1] == "END"
+            for version in (1, 3):
+                shutil.rmtree(export_dir / MODEL / str(version))
+            refresh()
+            assert set(client.status().values()) == {"END"}
+            with pytest.raises(RequestFailed) as info:
+                client.generate("the", 5)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            export_run(tiny_run, export_dir, MODEL, version=2)  # the number comes back
+            refresh()
+            assert client.status()[2] == "AVAILABLE" and len(client.generate("the", 5)) == 5
+
+
+def test_only_version_broken_reports_why_and_load_retries(tmp_path, monkeypatch):
+    from charrnn_keras.serving import versions
+
+    broken = tmp_path / "export" / MODEL / "1"
+    broken.mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+    attempts = []
+    real = versions.LoadedVersion
+
+    def counted(*args, **kwargs):
+        attempts.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(versions, "LoadedVersion", counted)
+    now = [0.0]
+    manager = versions.ModelManager(
+        tmp_path / "export", MODEL, max_load_retries=2, load_retry_seconds=60, clock=lambda: now[0]
+    )
+    spec = predict_pb2.PredictRequest().model_spec
+    spec.name = MODEL
+
+    def status():
+        (s,) = manager.status(spec)
+        return get_model_status_pb2.ModelVersionStatus.State.Name(s.state), s.status
+
+    try:
+        state, error = status()
+        assert state == "LOADING" and error.error_code != 0 and error.error_message
+        manager.refresh()  # before the retry interval: not tried again
+        assert attempts == [1]
+        for t in (60.0, 120.0, 500.0):
+            now[0] = t
+            manager.refresh()
+        assert attempts == [1, 1, 1]  # the first load and max_load_retries retries
+        state, error = status()
+        assert state == "END" and error.error_code != 0 and "SavedModel" in error.error_message
+        with pytest.raises(RequestError) as info, manager.acquire(spec):
+            pass
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        manager.close()
+
+
+def test_versions_that_do_not_fit_int64_are_ignored(tiny_run, tmp_path):
+    """Issue 15, item 5: TF Serving skips folders that do not parse as an int64."""
+    from charrnn_keras.serving.versions import ModelManager
+
+    export_dir = tmp_path / "export"
+    v1 = export_run(tiny_run, export_dir, MODEL)
+    huge = export_dir / MODEL / "99999999999999999999"
+    _copy_version(v1, huge)
+    assert names.list_versions(export_dir / MODEL) == [1]
+    assert names.is_version_name(str(2**63 - 1)) and not names.is_version_name(str(2**63))
+    manager = ModelManager(export_dir, MODEL)
+    try:
+        spec = predict_pb2.PredictRequest().model_spec
+        spec.name = MODEL
+        assert [s.version for s in manager.status(spec)] == [1]
+        with manager.acquire(spec) as loaded:
+            assert loaded.version == 1
+    finally:
+        manager.close()
+
+
+# ----------------------------------------------------------------------------- long requests
+
+
+def wait_until(condition, what: str, seconds: float = 60.0) -> None:
+    """Waits for a condition the server reaches by itself (not a timing assertion)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+
+
+ENDLESS = 10**6  # characters: minutes of work, so a run still going is a run not yet stopped
+
+
+@pytest.fixture(scope="module")
+def long_export(tiny_run, tmp_path_factory):
+    export_dir = tmp_path_factory.mktemp("long-export")
+    export_run(tiny_run, export_dir, MODEL, max_chars=ENDLESS)
+    return export_dir
+
+
+def test_long_generations_have_their_own_lane_and_stop_when_the_client_leaves(long_export):
+    """Items 7 and 8: long requests run one at a time in the heavy lane and queue behind it;
+    short ones are answered meanwhile; a full queue is RESOURCE_EXHAUSTED; a queued request
+    whose client leaves never starts, and a running one is stopped (its Session closed)."""
+    with start_server(long_export, MODEL, port=0, poll_seconds=3600, max_workers=4) as running:
+        loaded = running.manager.current
+        lane, outcomes = loaded.lane, running.manager.outcomes
+        address = f"127.0.0.1:{running.port}"
+        with grpc.insecure_channel(address) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            endless = generate_request(num_chars=np.int32(ENDLESS))
+            first = stub.Predict.future(endless)  # no deadline, as a killed client's
+            wait_until(lambda: lane.running == 1, "the first long request runs")
+            second = stub.Predict.future(endless)
+            wait_until(lambda: lane.waiting == 1, "the second long request waits")
+            assert _rpc_code(lambda: stub.Predict(endless, timeout=30)) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+            over_cap = generate_request(num_chars=np.int32(ENDLESS + 1))  # refused, not queued
+            assert _rpc_code(lambda: stub.Predict(over_cap, timeout=30)) == (
+                grpc.StatusCode.INVALID_ARGUMENT
+            )
+            short = stub.Predict(generate_request(num_chars=np.int32(20)), timeout=30)
+            assert len(short.outputs[names.TEXT].string_val[0]) == 20
+            second.cancel()
+            wait_until(lambda: outcomes.snapshot().get("dropped") == 1, "the queued one dropped")
+            first.cancel()
+            wait_until(lambda: outcomes.snapshot().get("cancelled") == 1, "the running one stops")
+            wait_until(lambda: lane.running == 0, "the lane is free")
+        with Client(address, MODEL) as client:
+            assert len(client.generate("the", 5000)) == 5000  # heavy, on the reloaded Session
+        counts = outcomes.snapshot()
+        assert counts.get("refused") == 1 and counts.get("failed") == 1, counts  # over the cap
+
+
+def test_a_request_whose_client_left_is_not_started(server):
+    from charrnn_keras.serving.lanes import Call
+
+    loaded, outcomes = server.manager.current, server.manager.outcomes
+    before = outcomes.snapshot()
+    call = Call()
+    call.cancel()
+    with pytest.raises(RequestError) as info:
+        loaded.predict(generate_request(num_chars=np.int32(5)), call=call)
+    assert info.value.code == grpc.StatusCode.CANCELLED
+    after = outcomes.snapshot()
+    assert after.get("dropped", 0) == before.get("dropped", 0) + 1
+    assert after.get("completed") == before.get("completed")

@@ -55,6 +55,8 @@ class Client:
         timeout: float = 30.0,
         version: int | None = None,
     ):
+        if version is not None:  # the ModelSpec's int64; protobuf would raise a ValueError
+            version = names.check_int("version", version, "int64", minimum=0)
         self.server, self.model_name, self.timeout, self.version = (
             server, model_name, timeout, version)  # fmt: skip
         options = [
@@ -144,6 +146,9 @@ class Client:
                 up to ``top_p`` (1 = all).
             strategy: ``sample``, or ``words`` (draw only at the start of a word).
 
+        Numbers that do not fit the signature's dtypes (int32 ``num_chars`` and ``top_k``,
+        float32 ``temperature``, int64 ``seed``) raise ServingError before anything is sent.
+
         Returns:
             The generated continuation (without the prime); a list for a list of primes.
         """
@@ -156,14 +161,21 @@ class Client:
             seeds = [_seed_pair(seed)] * rows
         else:
             seeds = [_seed_pair(s) for s in _per_row(seed, rows, "seed")]
+        # Checked here: numpy would wrap or overflow a value outside the signature's dtypes.
+        int32s = {
+            name: [names.check_int(name, v) for v in _per_row(value, rows, name)]
+            for name, value in ((names.NUM_CHARS, num_chars), (names.TOP_K, top_k))
+        }
+        float32s = {
+            name: [names.check_float32(name, v) for v in _per_row(value, rows, name)]
+            for name, value in ((names.TEMPERATURE, temperature), (names.TOP_P, top_p))
+        }
         out = self.predict(
             names.GENERATE,
             {
                 names.PRIME: np.array([p.encode("utf-8") for p in primes], dtype=object),
-                names.NUM_CHARS: np.array(_per_row(num_chars, rows, "num_chars"), np.int32),
-                names.TEMPERATURE: np.array(_per_row(temperature, rows, "temperature"), np.float32),
-                names.TOP_K: np.array(_per_row(top_k, rows, "top_k"), np.int32),
-                names.TOP_P: np.array(_per_row(top_p, rows, "top_p"), np.float32),
+                **{name: np.array(values, np.int32) for name, values in int32s.items()},
+                **{name: np.array(values, np.float32) for name, values in float32s.items()},
                 names.SEED: np.array(seeds, np.int64).reshape(rows, 2),
                 names.STRATEGY: np.array(
                     [s.encode() for s in _per_row(strategy, rows, "strategy")], dtype=object
@@ -216,17 +228,33 @@ class Client:
         response.metadata["signature_def"].Unpack(signatures)
         return dict(signatures.signature_def)
 
-    def status(self) -> dict[int, str]:
-        """Returns {version: state name} from ModelService.GetModelStatus, e.g. {2: 'AVAILABLE'}."""
+    def status(self, details: bool = False) -> dict:
+        """Returns {version: state name} from ModelService.GetModelStatus, e.g. {2: 'AVAILABLE'}.
+
+        Args:
+            details: return {version: (state name, error code name, error message)} instead;
+                a version that failed to load has its error there, e.g.
+                ``('END', 'DATA_LOSS', "Error parsing message...")``; ``('AVAILABLE', 'OK', '')``.
+        """
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request)
         response = self._call(self._models.GetModelStatus, request)
         state = get_model_status_pb2.ModelVersionStatus.State
-        return {s.version: state.Name(s.state) for s in response.model_version_status}
+        codes = {code.value[0]: code.name for code in grpc.StatusCode}
+        if not details:
+            return {s.version: state.Name(s.state) for s in response.model_version_status}
+        return {
+            s.version: (state.Name(s.state), codes.get(s.status.error_code, "UNKNOWN"),
+                        s.status.error_message)
+            for s in response.model_version_status
+        }  # fmt: skip
 
 
 def _seed_pair(seed) -> list[int]:
-    return [int(seed), 0] if np.ndim(seed) == 0 else [int(s) for s in seed]
+    pair = [seed, 0] if np.ndim(seed) == 0 else list(seed)
+    if len(pair) != 2:
+        raise ServingError(f"a seed is S or a pair [a, b], got {seed!r}")
+    return [names.check_int("seed", s, "int64") for s in pair]
 
 
 def _per_row(value, rows: int, name: str) -> list:

@@ -7,10 +7,13 @@ TensorFlow), so the client and the server's directory scanning stay cheap to imp
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
-from charrnn_keras.errors import ServingError
+import numpy as np
+
+from charrnn_keras.errors import ServingError, option
 
 # Signatures (all with method name tensorflow/serving/predict).
 GENERATE = "generate"
@@ -61,7 +64,16 @@ GENERATE_VERSION = 2
 # hold about 25 MiB of state and gate activations.
 DEFAULT_MAX_BATCH_CHARS = 1_000_000
 DEFAULT_MAX_ROWS = 1024
+
+# The ranges of the signature dtypes that numbers given to the export, the client and the CLI
+# become: a value outside them would wrap (numpy) or fail only once served.
+INT32_RANGE = (-(2**31), 2**31 - 1)
+INT64_RANGE = (-(2**63), 2**63 - 1)
+FLOAT32_MAX = 3.4028234663852886e38
 MODELS_CONFIG = "models.config"
+# TF Serving replays these PredictionLog records before it reports a version AVAILABLE.
+WARMUP_DIR = "assets.extra"
+WARMUP_FILE = "tf_serving_warmup_requests"
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -83,9 +95,57 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def check_int(name: str, value, dtype: str = "int32", minimum: int | None = None) -> int:
+    """Returns ``value`` as an int if it fits the signature dtype (and ``minimum``), else raises.
+
+    Args:
+        name: the parameter, named in the message (e.g. ``num_chars``).
+        value: the number given.
+        dtype: ``int32`` or ``int64``, what the value becomes.
+        minimum: the smallest value allowed, if above the dtype's.
+
+    Returns:
+        The value as a Python int.
+    """
+    low, high = INT64_RANGE if dtype == "int64" else INT32_RANGE
+    if minimum is not None:
+        low = max(low, minimum)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ServingError(f"{option(name)} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ServingError(f"{option(name)} must be from {low} to {high} ({dtype}), got {value}")
+    return int(value)
+
+
+def check_float32(name: str, value) -> float:
+    """Returns ``value`` as a float if it is finite as a float32, else raises.
+
+    Args:
+        name: the parameter, named in the message (e.g. ``temperature``).
+        value: the number given.
+
+    Returns:
+        The value as a Python float.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ServingError(f"{option(name)} must be a number, got {value!r}") from None
+    if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):
+        raise ServingError(
+            f"{option(name)} must be a finite number (a float32, at most {FLOAT32_MAX:.4g} in "
+            f"size), got {value}"
+        )
+    return number
+
+
 def is_version_name(name: str) -> bool:
-    """True for the folder names TF Serving treats as versions: all ASCII digits."""
-    return name.isascii() and name.isdigit()
+    """True for the folder names TF Serving treats as versions: digits that fit an int64.
+
+    TF Serving parses version folders with ``absl::SimpleAtoi`` into an int64 and ignores the
+    ones that do not parse; serving a larger one would fail every request (issue 15, item 5).
+    """
+    return name.isascii() and name.isdigit() and int(name) <= INT64_RANGE[1]
 
 
 def list_versions(model_dir: str | Path, complete_only: bool = True) -> list[int]:

@@ -1,8 +1,10 @@
-"""One served model: its versions loaded into graph-mode Sessions, and requests run on them.
+"""One version of a served model loaded into graph-mode Sessions, and requests run on them.
 
 Each version runs in its own ``tf.compat.v1.Session`` loaded with the ``serve`` tag, the
-graph-mode path of TF Serving's C++ loader, so a model that works here loads there. Requests
-are checked the way TF Serving checks them and refused with the same gRPC status codes.
+graph-mode path of TF Serving's C++ loader, so a model that works here loads there; long
+generations run in Sessions of their own (``lanes``). Requests are checked the way TF Serving
+checks them and refused with the same gRPC status codes. ``versions.ModelManager`` decides
+which version is served.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 
-from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
+from charrnn_keras.serving.lanes import HEAVY_COST, Call, HeavyLane, Outcomes, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,6 @@ _TYPED = {np.dtype(t): field for t, field in [
     (np.float32, "float_val"), (np.float64, "double_val"), (np.int32, "int_val"),
     (np.int16, "int_val"), (np.int8, "int_val"), (np.uint8, "int_val"), (np.int64, "int64_val"),
     (np.bool_, "bool_val")]}  # fmt: skip
-_STATE = get_model_status_pb2.ModelVersionStatus
 # The most elements one request input may declare. A TensorProto may declare a larger shape than
 # the values it carries (the last value fills the rest, as in TF's Tensor::FromProto), so without
 # a cap a few bytes could make the server allocate gigabytes. gRPC's default 4 MiB request limit
@@ -37,14 +39,6 @@ _STATE = get_model_status_pb2.ModelVersionStatus
 MAX_INPUT_ELEMENTS = 4 * 1024 * 1024
 # gRPC reports "no deadline" as about 9e18 seconds left; run those without a Session timeout.
 _NO_DEADLINE_S = 365 * 24 * 3600.0
-
-
-class RequestError(Exception):
-    """A request the server refuses, with the gRPC status code to answer."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def typed_tensor_proto(value):
@@ -69,26 +63,45 @@ def typed_tensor_proto(value):
 
 
 class LoadedVersion:
-    """One version of the model in its own graph and Session; retired when replaced.
+    """One version of the model in its own graph and Sessions; retired when replaced.
+
+    Short requests run in the main Session; long ``generate`` requests (rows x characters
+    above ``heavy_cost``) in the heavy lane's Sessions (``lanes.HeavyLane``), so that they can
+    neither starve the short ones nor keep running once their client has gone.
 
     Args:
         path: the version directory (a SavedModel).
         version: its version number.
+        heavy_slots: long generations run at once (0: no lane, all in the main Session).
+        heavy_queue: long generations that may wait for a slot; more are refused.
+        heavy_cost: rows x (characters + prime bytes) above which a generation is long.
+        outcomes: where each request's outcome is counted (default: a new Outcomes).
     """
 
-    def __init__(self, path: Path, version: int):
-        self.path, self.version = path, version
-        self.session = tf.compat.v1.Session(graph=tf.Graph())
-        try:
-            with self.session.graph.as_default():
-                loader = tf.compat.v1.saved_model.loader
-                meta = loader.load(self.session, [names.SERVE_TAG], str(path))
-        except Exception:
-            self.session.close()
-            raise
+    def __init__(self, path: Path, version: int, heavy_slots: int = 1, heavy_queue: int = 8,
+                 heavy_cost: int = HEAVY_COST, outcomes: Outcomes | None = None):  # fmt: skip
+        self.path, self.version, self.heavy_cost = path, version, heavy_cost
+        self.outcomes = outcomes or Outcomes()
+        self.session, meta = _load(path)
         self.signatures = dict(meta.signature_def)
         self._lock = threading.Lock()
         self._users, self._retired = 0, False
+        self.lane, self.max_chars = None, _max_chars(self.session, self.signatures)
+        generate = self.signatures.get(names.GENERATE)
+        if heavy_slots > 0 and generate is not None and names.NUM_CHARS in generate.inputs:
+            try:
+                self.lane = HeavyLane(self._lane_session, heavy_slots, heavy_queue, self.outcomes)
+            except Exception:
+                self.session.close()
+                raise
+
+    def _lane_session(self):
+        """A Session for the heavy lane: a one-thread inter-op pool of its own, warmed up."""
+        config = tf.compat.v1.ConfigProto()
+        config.session_inter_op_thread_pool.add(num_threads=1)
+        session, _ = _load(self.path, config)
+        _warm_up(session, {names.GENERATE: self.signatures[names.GENERATE]}, self.path)
+        return session
 
     @contextlib.contextmanager
     def use(self):
@@ -102,17 +115,28 @@ class LoadedVersion:
                 self._users -= 1
                 close = self._retired and self._users == 0
             if close:
-                self.session.close()
+                self._close()
+
+    @property
+    def in_use(self) -> int:
+        """Requests using this version now (running, or waiting for the heavy lane)."""
+        with self._lock:
+            return self._users
 
     def retire(self) -> None:
-        """Closes the Session now, or when its last running request ends."""
+        """Closes the Sessions now, or when the last running request ends."""
         with self._lock:
             self._retired = True
             close = self._users == 0
         if close:
-            self.session.close()
+            self._close()
 
-    def predict(self, request, timeout: float | None = None) -> dict:
+    def _close(self) -> None:
+        self.session.close()
+        if self.lane is not None:
+            self.lane.close()
+
+    def predict(self, request, timeout: float | None = None, call: Call | None = None) -> dict:
         """Runs a PredictRequest; returns {output alias: numpy value}; raises RequestError.
 
         Args:
@@ -121,6 +145,11 @@ class LoadedVersion:
                 is no deadline. The Session run is cancelled when it passes (TF Serving's
                 ``enforce_session_run_timeout``), so an abandoned long generation stops using
                 a worker and the CPU.
+            call: the client's Call: a request whose client has left is not started, and a
+                long generation running in the heavy lane is stopped when its client leaves.
+
+        Returns:
+            {output alias: numpy value}.
         """
         name = request.model_spec.signature_name or names.SERVING_DEFAULT
         signature = self.signatures.get(name)
@@ -136,8 +165,9 @@ class LoadedVersion:
                 f"Sent extra: {{{','.join(sorted(sent - wanted))}}}. "
                 f"Missing but required: {{{','.join(sorted(wanted - sent))}}}.",
             )
-        feed = {info.name: _input_array(alias, request.inputs[alias], info)
-                for alias, info in signature.inputs.items()}  # fmt: skip
+        arrays = {alias: _input_array(alias, request.inputs[alias], info)
+                  for alias, info in signature.inputs.items()}  # fmt: skip
+        feed = {signature.inputs[alias].name: array for alias, array in arrays.items()}
         aliases = list(request.output_filter) or sorted(signature.outputs)
         for alias in aliases:
             if alias not in signature.outputs:
@@ -148,37 +178,110 @@ class LoadedVersion:
                 )
         if len(set(aliases)) != len(aliases):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "duplicate output tensor alias")
-        options = None
+        options, deadline = None, None
         if timeout is not None and timeout < _NO_DEADLINE_S:
             options = tf.compat.v1.RunOptions(timeout_in_ms=max(1, math.ceil(timeout * 1000)))
+            deadline = time.monotonic() + timeout
+        call = call or Call()
+        fetches = {a: signature.outputs[a].name for a in aliases}
         try:
-            fetches = {a: signature.outputs[a].name for a in aliases}
-            return self.session.run(fetches, feed, options=options)
+            if self.lane is not None and self._is_heavy(arrays):
+                out = self.lane.run(fetches, feed, call, options, deadline)
+            elif call.cancelled:  # its client left while it waited for a worker thread
+                self.outcomes.add("dropped")
+                raise RequestError(
+                    grpc.StatusCode.CANCELLED, "the client left before the request started"
+                )
+            else:
+                out = self.session.run(fetches, feed, options=options)
         except tf.errors.OpError as e:
             code = _CODES.get(e.error_code, grpc.StatusCode.UNKNOWN)
+            self.outcomes.add("deadline" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "failed")
             raise RequestError(code, _clean_message(e.message)) from None
+        self.outcomes.add("completed")
+        return out
+
+    def _is_heavy(self, arrays: dict) -> bool:
+        if _cost(arrays) <= self.heavy_cost:
+            return False
+        # A num_chars the model refuses is refused at once, not after waiting for the lane.
+        num_chars = np.asarray(arrays[names.NUM_CHARS]).ravel()
+        return self.max_chars is None or bool(
+            np.all((num_chars >= 0) & (num_chars <= self.max_chars))
+        )
 
     def warm_up(self) -> None:
-        """Runs every predict signature once on placeholder inputs (as TF Serving's warmup).
+        """Replays the SavedModel's warm-up requests, as TF Serving does before it reports a
+        version AVAILABLE (``assets.extra/tf_serving_warmup_requests``, PredictionLog records).
 
         The first run of a Session prunes and optimises the graph, which takes far longer than
-        a request; doing it here keeps that off the first client's reply.
+        a request; doing it here keeps that off the first client's reply. A SavedModel without
+        the file gets one run of each predict signature on placeholder inputs.
         """
-        for name, signature in self.signatures.items():
-            if signature.method_name != names.PREDICT_METHOD:
+        _warm_up(self.session, self.signatures, self.path)
+
+
+def _load(path: Path, config=None):
+    """Returns (Session, MetaGraphDef) of a SavedModel loaded with the serve tag."""
+    session = tf.compat.v1.Session(graph=tf.Graph(), config=config)
+    try:
+        with session.graph.as_default():
+            meta = tf.compat.v1.saved_model.loader.load(session, [names.SERVE_TAG], str(path))
+    except Exception:
+        session.close()
+        raise
+    return session, meta
+
+
+def _max_chars(session, signatures: dict) -> int | None:
+    """The export's cap on num_chars (the metadata signature's max_chars), if it has one."""
+    metadata = signatures.get(names.METADATA)
+    if metadata is None or names.MAX_CHARS not in metadata.outputs:
+        return None
+    try:
+        return int(session.run(metadata.outputs[names.MAX_CHARS].name))
+    except tf.errors.OpError:
+        return None
+
+
+def _warm_up(session, signatures: dict, path: Path | None = None) -> None:
+    records = None if path is None else path / names.WARMUP_DIR / names.WARMUP_FILE
+    if records is not None and records.is_file():
+        for raw in tf.compat.v1.io.tf_record_iterator(str(records)):
+            request = prediction_log_pb2.PredictionLog.FromString(raw).predict_log.request
+            signature = signatures.get(request.model_spec.signature_name or names.SERVING_DEFAULT)
+            if signature is None:
                 continue
-            feed = {}
-            for info in signature.inputs.values():
-                shape = [max(d.size, 1) for d in info.tensor_shape.dim]
-                dtype = tf.as_dtype(info.dtype)
-                if dtype == tf.string:
-                    feed[info.name] = np.full(shape, b"", dtype=object)
-                else:
-                    feed[info.name] = np.zeros(shape, dtype.as_numpy_dtype)
-            try:
-                self.session.run({k: v.name for k, v in signature.outputs.items()}, feed)
-            except tf.errors.OpError as e:  # a signature that needs real inputs; not fatal
-                log.debug("warm-up of %s skipped: %s", name, _clean_message(e.message))
+            feed = {info.name: _input_array(alias, request.inputs[alias], info)
+                    for alias, info in signature.inputs.items()}  # fmt: skip
+            session.run({k: v.name for k, v in signature.outputs.items()}, feed)
+        return
+    for name, signature in signatures.items():
+        if signature.method_name != names.PREDICT_METHOD:
+            continue
+        feed = {}
+        for info in signature.inputs.values():
+            shape = [max(d.size, 1) for d in info.tensor_shape.dim]
+            dtype = tf.as_dtype(info.dtype)
+            if dtype == tf.string:
+                feed[info.name] = np.full(shape, b"", dtype=object)
+            else:
+                feed[info.name] = np.zeros(shape, dtype.as_numpy_dtype)
+        try:
+            session.run({k: v.name for k, v in signature.outputs.items()}, feed)
+        except tf.errors.OpError as e:  # a signature that needs real inputs; not fatal
+            log.debug("warm-up of %s skipped: %s", name, _clean_message(e.message))
+
+
+def _cost(arrays: dict) -> int:
+    """Rows x (longest prime in bytes + largest num_chars) of a generate request, the work of
+    its loops (they run to the longest row); 0 for other signatures."""
+    if names.NUM_CHARS not in arrays or names.PRIME not in arrays:
+        return 0
+    primes = arrays[names.PRIME].ravel()
+    longest = max((len(p) for p in primes), default=0)
+    most = int(np.max(arrays[names.NUM_CHARS], initial=0))
+    return len(primes) * (max(most, 0) + longest)
 
 
 def _clean_message(message: str) -> str:
@@ -226,105 +329,3 @@ def _input_array(alias: str, proto, info) -> np.ndarray:
         return tf.make_ndarray(proto)
     except Exception as e:  # a malformed TensorProto; protobuf and numpy raise many kinds
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {alias!r}: {e}") from None
-
-
-class ModelManager:
-    """Serves the highest version of one model and swaps in newer ones as they appear.
-
-    Args:
-        export_dir: TF Serving's base directory.
-        model_name: the model's folder name under ``export_dir``.
-    """
-
-    def __init__(self, export_dir, model_name: str):
-        self.model_name = names.check_model_name(model_name)
-        self.model_dir = Path(export_dir) / model_name
-        if not Path(export_dir).is_dir():
-            raise ServingError(f"export directory {export_dir} does not exist; run charrnn export")
-        if not names.list_versions(self.model_dir):
-            raise ServingError(
-                f"{self.model_dir} holds no exported version; export one there first "
-                f"(charrnn export)"
-            )
-        self._lock, self._refresh_lock = threading.Lock(), threading.Lock()
-        self._current: LoadedVersion | None = None
-        self._states: dict[int, int] = {}  # version -> ModelVersionStatus.State
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Loads the highest version if it is not the one served (TF Serving's default policy)."""
-        with self._refresh_lock:
-            versions = [v for v in names.list_versions(self.model_dir)
-                        if self._states.get(v) != _STATE.END]  # fmt: skip
-            current = self._current
-            if not versions or (current is not None and current.version == versions[-1]):
-                return
-            version = versions[-1]
-            self._states[version] = _STATE.LOADING
-            try:
-                loaded = LoadedVersion(self.model_dir / str(version), version)
-                loaded.warm_up()
-            except Exception:  # a broken version must not stop the one already served
-                log.exception("cannot load %s version %d", self.model_name, version)
-                self._states[version] = _STATE.END
-                return
-            with self._lock:
-                old, self._current = self._current, loaded
-                self._states[version] = _STATE.AVAILABLE
-                if old is not None:
-                    self._states[old.version] = _STATE.END
-            if old is not None:
-                old.retire()
-            log.info("serving %s version %d from %s", self.model_name, version, loaded.path)
-
-    @contextlib.contextmanager
-    def acquire(self, model_spec):
-        """Yields the LoadedVersion a ModelSpec asks for; raises RequestError if none."""
-        if model_spec.version_label:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"Unrecognized servable version label: {model_spec.version_label}",
-            )
-        with self._lock:
-            current = self._current
-            specific = model_spec.HasField("version")
-            if (
-                model_spec.name != self.model_name
-                or current is None
-                or (specific and model_spec.version.value != current.version)
-            ):
-                what = f"Specific({model_spec.name}, {model_spec.version.value})" if specific \
-                    else f"Latest({model_spec.name})"  # fmt: skip
-                raise RequestError(
-                    grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}"
-                )
-            use = current.use()
-            use.__enter__()  # under the lock, so the version cannot be closed in between
-        try:
-            yield current
-        finally:
-            use.__exit__(None, None, None)
-
-    def status(self, model_spec) -> list:
-        """Returns ModelVersionStatus messages, as ModelService.GetModelStatus answers."""
-        with self._lock:
-            states = dict(self._states) if model_spec.name == self.model_name else {}
-        if not states:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {model_spec.name}"
-            )
-        if model_spec.HasField("version"):
-            v = model_spec.version.value
-            if v not in states:
-                raise RequestError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Could not find version {v} of model {model_spec.name}",
-                )
-            states = {v: states[v]}
-        return [_STATE(version=v, state=s) for v, s in sorted(states.items())]
-
-    def close(self) -> None:
-        with self._lock:
-            current, self._current = self._current, None
-        if current is not None:
-            current.retire()

@@ -4,8 +4,10 @@ It implements ``tensorflow.serving.PredictionService`` (Predict, GetModelMetadat
 Regress and MultiInference answer UNIMPLEMENTED) and ``ModelService.GetModelStatus`` for one
 model, with TF Serving's behaviour: the highest version under ``export/<model>/`` is served and
 a newly exported one is picked up without a restart (polled, like TF Serving's file system
-source). Versions run in graph-mode Sessions (``servable``); Sessions are thread-safe and the
-SavedModel keeps no state, so requests run concurrently.
+source) and versions are managed as TF Serving manages them (``versions``). Versions run in
+graph-mode Sessions (``servable``); Sessions are thread-safe and the SavedModel keeps no state,
+so requests run concurrently, long generations in a lane of their own (``lanes``) that stops
+them when their client leaves.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc as prediction_gr
 
 from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
-from charrnn_keras.serving.servable import ModelManager, RequestError, typed_tensor_proto
+from charrnn_keras.serving.lanes import Call, RequestError
+from charrnn_keras.serving.servable import typed_tensor_proto
+from charrnn_keras.serving.versions import LOAD_RETRY_SECONDS, MAX_LOAD_RETRIES, ModelManager
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,9 @@ class PredictionServicer(prediction_grpc.PredictionServiceServicer):
     def Predict(self, request, context):  # noqa: N802 (gRPC method names)
         def call():
             with self.manager.acquire(request.model_spec) as loaded:
-                outputs = loaded.predict(request, timeout=context.time_remaining())
+                outputs = loaded.predict(
+                    request, timeout=context.time_remaining(), call=Call.of(context)
+                )
             response = predict_pb2.PredictResponse()
             response.model_spec.name = self.manager.model_name
             response.model_spec.version.value = loaded.version
@@ -159,6 +165,9 @@ def start_server(
     port: int = 8500,
     poll_seconds: float = 1.0,
     max_workers: int = 16,
+    heavy_slots: int = 1,
+    max_load_retries: int = MAX_LOAD_RETRIES,
+    load_retry_seconds: float = LOAD_RETRY_SECONDS,
 ) -> RunningServer:
     """Loads the highest version of a model and starts serving it (returns at once).
 
@@ -169,11 +178,19 @@ def start_server(
         port: the port; 0 picks a free one (see ``RunningServer.port``).
         poll_seconds: how often to look for a newly exported version.
         max_workers: requests handled at the same time.
+        heavy_slots: long generations run at once (each in a Session of its own); up to
+            half of ``max_workers`` more wait, so the other half stays free for short ones.
+        max_load_retries: attempts after a failed load (TF Serving's ``--max_num_load_retries``).
+        load_retry_seconds: seconds between them (``--load_retry_interval_micros``).
 
     Returns:
         The RunningServer.
     """
-    manager = ModelManager(export_dir, model_name)
+    manager = ModelManager(
+        export_dir, model_name, max_load_retries=max_load_retries,
+        load_retry_seconds=load_retry_seconds, heavy_slots=heavy_slots,
+        heavy_queue=max(1, max_workers // 2 - heavy_slots),
+    )  # fmt: skip
     # Without SO_REUSEPORT a second server on a taken port fails instead of sharing it silently.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=[("grpc.so_reuseport", 0)]
