@@ -226,7 +226,7 @@ BAD_REQUESTS = [
     ("dtype-unknown-enum", lambda _: with_input(names.NUM_CHARS, tensor(1000, [], int_val=[3])), Codes.INVALID_ARGUMENT, "unknown dtype 1000"),  # noqa: E501
     # wrong shapes
     ("seed-3", lambda _: generate_request(seed=np.array([1, 2, 3], np.int64)), Codes.INVALID_ARGUMENT, "signature wants"),  # noqa: E501
-    ("num_chars-vector", lambda _: generate_request(num_chars=np.array([10], np.int32)), Codes.INVALID_ARGUMENT, "signature wants"),  # noqa: E501
+    ("num_chars-matrix", lambda _: generate_request(num_chars=np.array([[10]], np.int32)), Codes.INVALID_ARGUMENT, "signature wants"),  # noqa: E501
     ("prime-scalar", lambda _: generate_request(prime=np.array(b"the ", object)), Codes.INVALID_ARGUMENT, "signature wants"),  # noqa: E501
     ("prime-matrix", lambda _: generate_request(prime=np.array([[b"a"]], object)), Codes.INVALID_ARGUMENT, "signature wants"),  # noqa: E501
     ("negative-dim", lambda _: with_input(names.SEED, tensor(INT64, [-1], int64_val=[1, 0])), Codes.INVALID_ARGUMENT, "fully defined"),  # noqa: E501
@@ -546,7 +546,7 @@ ARGPARSE_CASES = [
     ("query-temperature-over-float32", "query --server {server} -t 1e39", "argument --temperature/-t: must be at most 3.403e+38"),  # noqa: E501
     ("sample-seed-over-int64", "sample --run-dir {run} --seed 99999999999999999999", "argument --seed: must be from"),  # noqa: E501
     ("query-not-a-number", "query --server {server} -n ten", "argument --num-chars/-n: must be a whole number, got 'ten'"),  # noqa: E501
-    ("export-missing-flag", "export", "the following arguments are required: --run-dir"),
+    ("query-missing-value", "query --server {server} --num-chars", "argument --num-chars/-n: expected one argument"),  # noqa: E501
 ]  # fmt: skip
 
 

@@ -268,12 +268,16 @@ def test_backup_copy_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_export_to_a_forbidden_dir_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
     # What a chmod'ed export dir gives a user who is not root (root ignores permissions).
-    from charrnn_keras import export
+    from charrnn_keras import atomic
 
-    def refuse(*args, dir=None, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), f"{dir}/tmp-1-x")
+    real_mkdir = Path.mkdir
 
-    monkeypatch.setattr(export.tempfile, "mkdtemp", refuse)
+    def refuse_temporaries(path, *args, **kwargs):
+        if atomic.is_temp(path.name):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse_temporaries)
     export_dir = tmp_path / "export"
     argv = ["export", "--run-dir", str(tiny_run), "--export-dir", str(export_dir)]
     assert cli.main(argv) == StorageError.exit_code
