@@ -37,7 +37,8 @@ class ExportModule:
         model: the 1x1 sampling model from ``build_model``, weights loaded.
         cfg: the run's Config.
         vocab: the run's Vocab.
-        max_chars: the largest ``num_chars`` that ``generate`` accepts.
+        max_chars: the largest ``num_chars`` that ``generate`` accepts, and the longest prime
+            (in characters).
         max_batch_chars: the most characters one ``generate`` request may feed and draw,
             summed over its rows (prime bytes, at least 1, + num_chars per row): its work.
         max_rows: the most primes one ``generate`` request may hold: its memory, since each
@@ -68,9 +69,9 @@ class ExportModule:
         ``charrnn sample --seed S`` prints after the prime: its prime (unknown characters
         skipped; empty means the fallback prime) is fed, then its ``num_chars[b]`` characters
         are drawn by ``draw_next`` at positions 0, 1, ... with its own settings and seed.
-        Settings outside ``limits.LIMITS``, rows of different lengths, and requests over
-        ``max_rows`` or ``max_batch_chars`` fail with InvalidArgumentError (gRPC
-        INVALID_ARGUMENT) before any work.
+        Settings outside ``limits.LIMITS``, rows of different lengths, primes longer than
+        ``max_chars``, and requests over ``max_rows`` or ``max_batch_chars`` fail with
+        InvalidArgumentError (gRPC INVALID_ARGUMENT) before any work.
 
         Returns:
             ``{"text": string [batch]}``: the continuations, UTF-8.
@@ -85,6 +86,9 @@ class ExportModule:
         longest = tf.reduce_max(tf.concat([tf.cast(tf.strings.length(prime), tf.int64), [1]], 0))
         most = tf.reduce_max(tf.concat([tf.cast(num_chars, tf.int64), [0]], 0))
         cost = rows * (longest + most)
+        # Counted in code points; a prime that is not valid UTF-8 counts at most its bytes.
+        prime_chars = tf.reduce_max(tf.concat([tf.strings.length(prime, unit="UTF8_CHAR"), [0]], 0))
+        max_chars = self.bounds["max_chars"]
         choices = tf.constant(STRATEGIES)
         checks += [
             tf.debugging.Assert(
@@ -95,6 +99,10 @@ class ExportModule:
             tf.debugging.Assert(
                 tf.reduce_all(tf.reduce_any(strategy[:, None] == choices[None, :], axis=1)),
                 [f"strategy must be one of {', '.join(STRATEGIES)}, got", strategy],
+            ),
+            tf.debugging.Assert(
+                prime_chars <= max_chars,
+                [f"a prime may be at most {max_chars} characters, got", prime_chars],
             ),
             tf.debugging.Assert(
                 rows <= self.max_rows,
@@ -188,8 +196,8 @@ def export_run(
         version: the version to write, 0 to 2**63-1 (TF Serving's int64; default: one above
             the highest present); never replaced.
         checkpoint: a weights file (default: the best, else the latest checkpoint).
-        max_chars: the largest ``num_chars`` a ``generate`` request may ask for, 0 to
-            2**31-1 (the signature's int32).
+        max_chars: the largest ``num_chars`` a ``generate`` request may ask for, and its
+            longest prime in characters, 0 to 2**31-1 (the signature's int32).
 
     Returns:
         The path of the new version directory.

@@ -318,6 +318,7 @@ def test_exported_settings_match_the_sampler_in_every_mode(tiny_run, loaded):
         ({"num_chars": [5, 5]}, "every input must have one row per prime"),
         ({"prime": ["a"] * (names.DEFAULT_MAX_ROWS + 1)}, "at most 1024 primes"),
         ({"prime": ["a" * 2000] * 600}, "a request may feed and draw at most"),
+        ({"prime": ["the", "\u00e9" * 10_001]}, "a prime may be at most 10000 characters, got"),
     ],
 )
 def test_generate_refuses_bad_rows_before_any_work(loaded, inputs, words):

@@ -249,6 +249,10 @@ def test_error_codes(stub, address):
     ):
         client.generate("the", names.DEFAULT_MAX_CHARS + 1)
     assert info.value.code == codes.INVALID_ARGUMENT and "\n" not in str(info.value)
+    # The message the library gives, not TensorFlow's assert format around it.
+    assert str(info.value).endswith(
+        f"num_chars must be from 0 to {names.DEFAULT_MAX_CHARS}, got {names.DEFAULT_MAX_CHARS + 1}"
+    ), str(info.value)
 
 
 def test_new_version_is_served_without_restart(tiny_run, tmp_path):

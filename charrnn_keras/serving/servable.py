@@ -285,11 +285,18 @@ def _cost(arrays: dict) -> int:
 
 
 def _clean_message(message: str) -> str:
-    """Keeps the lines of a TensorFlow error a client can act on (no graph node names)."""
+    """Keeps the lines of a TensorFlow error a client can act on (no graph node names), and
+    turns a graph assert's ``assertion failed: [message] [value]`` into ``message value``."""
     skip = ("Graph execution error", "[[", "Detected at node")
     lines = [line.strip() for line in message.splitlines()]
-    kept = [line for line in lines if line and not line.startswith(skip)]
-    return " ".join(kept) or message
+    text = " ".join(line for line in lines if line and not line.startswith(skip)) or message
+    if text.startswith(_ASSERTION):
+        said, _, values = text.removeprefix(_ASSERTION).partition("] ")
+        text = f"{said.removeprefix('[')} {values.removeprefix('[').removesuffix(']')}".strip()
+    return text
+
+
+_ASSERTION = "assertion failed: "  # how tf.debugging.Assert's InvalidArgumentError begins
 
 
 def _input_array(alias: str, proto, info) -> np.ndarray:
