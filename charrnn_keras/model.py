@@ -20,7 +20,7 @@ import keras
 from charrnn_keras import atomic
 from charrnn_keras.config import Config, ModelConfig, TrainConfig
 from charrnn_keras.errors import ConfigError
-from charrnn_keras.fast_lstm import FastLSTM
+from charrnn_keras.fast_lstm import FastLSTM, native_bf16
 from charrnn_keras.vocab import Vocab
 
 _LAYERS = {
@@ -182,15 +182,33 @@ def build_model(
 def _recurrent_layer(cfg: ModelConfig, name: str) -> keras.layers.RNN:
     """Returns one stateful recurrent layer; FastLSTM keeps LSTM's weights, so names match."""
     common = {"stateful": True, "return_sequences": True, "name": name}
-    if not cfg.fast_lstm:
+    if not (cfg.fast_lstm and cfg.cell == "lstm"):
         return _LAYERS[cfg.cell](cfg.rnn_size, **common)
+    dtype = matmul_dtype(cfg)
     return _LAYERS["fast_lstm"](
         cfg.rnn_size,
-        matmul_dtype=None if cfg.matmul_dtype == "float32" else cfg.matmul_dtype,
+        matmul_dtype=None if dtype == "float32" else dtype,
         chains=cfg.chains,
         time_chunks=cfg.time_chunks,
         **common,
     )
+
+
+def matmul_dtype(cfg: ModelConfig) -> str:
+    """The dtype the training matmuls run in: ``auto`` is bfloat16 where the CPU multiplies
+    bf16 natively, float32 elsewhere."""
+    if cfg.matmul_dtype != "auto":
+        return cfg.matmul_dtype
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def compute_path(cfg: ModelConfig) -> dict:
+    """What actually trains: the recurrent layer class and its matmul dtype (for run.json)."""
+    layer = _LAYERS[cfg.cell]
+    if cfg.fast_lstm and cfg.cell == "lstm":
+        return {"layer": "FastLSTM", "matmul_dtype": matmul_dtype(cfg), "chains": cfg.chains,
+                "time_chunks": cfg.time_chunks}  # fmt: skip
+    return {"layer": f"keras.layers.{layer.__name__}", "matmul_dtype": "float32"}
 
 
 def rnn_layers(model: keras.Model) -> list:

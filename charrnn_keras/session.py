@@ -10,6 +10,7 @@ import platform
 from dataclasses import dataclass, field
 
 import keras
+import tensorflow as tf
 
 from charrnn_keras import data as data_lib
 from charrnn_keras.backup import RunBackup
@@ -21,7 +22,7 @@ from charrnn_keras.callbacks import (
     WholeEpochs,
 )
 from charrnn_keras.config import Config
-from charrnn_keras.model import build_model, check_fits, compile_model
+from charrnn_keras.model import build_model, check_fits, compile_model, compute_path
 from charrnn_keras.resume import (
     check_replaceable,
     check_resume,
@@ -147,6 +148,12 @@ def start(plan: Plan, held: contextlib.ExitStack, extra_callbacks=()) -> Session
         "status": Status.RUNNING,
         "data": data_lib.describe(corpus),
         "versions": {"python": platform.python_version(), "keras": keras.__version__},
+        # What ran, which the config alone does not say ("auto", 0 threads).
+        "compute": {
+            **compute_path(cfg.model),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        },
     }
     if plan.replace:
         with staged_replacement(run) as staged:

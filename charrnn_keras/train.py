@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
 
-from charrnn_keras.config import Config, TrainConfig
+from charrnn_keras.config import Config
 from charrnn_keras.errors import Interrupted, TrainingStopped
 from charrnn_keras.rundir import Status, periodic_checkpoints
 from charrnn_keras.sampling import Sampler
@@ -47,8 +48,32 @@ class TrainResult:
     stopped_early: str
 
 
-def apply_threads(cfg: TrainConfig) -> None:
-    """Sets TensorFlow's thread pools from ``train.intra_op_threads`` and ``inter_op_threads``.
+def thread_pools(cfg: Config, cores: int | None = None) -> tuple[int, int]:
+    """The (intra-op, inter-op) thread pools to use: the config's, or from the core count.
+
+    0 keeps TensorFlow's default (one thread per core in each pool), except for FastLSTM with
+    ``chains`` > 1: its chains are independent ops, so each gets ``cores // chains`` threads
+    and they run side by side (on 2 cores, 1 and 2: the fastest setting measured there,
+    BENCHMARKS.md, 1).
+
+    Args:
+        cfg: the run's settings.
+        cores: the CPU count (default: this machine's).
+
+    Returns:
+        ``(intra, inter)``; 0 means TensorFlow's default.
+    """
+    t, m = cfg.train, cfg.model
+    intra, inter = t.intra_op_threads, t.inter_op_threads
+    if m.fast_lstm and m.cell == "lstm" and m.chains > 1:
+        cores = cores or os.cpu_count() or 1
+        intra = intra or max(1, cores // m.chains)
+        inter = inter or m.chains
+    return intra, inter
+
+
+def apply_threads(cfg: Config) -> None:
+    """Sets TensorFlow's thread pools (``thread_pools``).
 
     TensorFlow fixes its pools when it runs its first op, so a process that already ran one
     (a notebook, a test) keeps its pools and gets a warning naming the environment variable.
@@ -60,8 +85,7 @@ def apply_threads(cfg: TrainConfig) -> None:
         ("inter_op_threads", "TF_NUM_INTEROP_THREADS",
          threading.get_inter_op_parallelism_threads, threading.set_inter_op_parallelism_threads),
     ]  # fmt: skip
-    for key, env, get, set_ in pools:
-        wanted = getattr(cfg, key)
+    for (key, env, get, set_), wanted in zip(pools, thread_pools(cfg), strict=True):
         if not wanted or get() == wanted:
             continue
         try:
@@ -98,7 +122,7 @@ def train(
     Returns:
         A TrainResult.
     """
-    apply_threads(cfg.train)
+    apply_threads(cfg)
     with contextlib.ExitStack() as held:  # the run's lock, held until training is recorded
         plan = prepare(cfg, data, run_dir, overwrite, config_name, held)
         session = start(plan, held, extra_callbacks)

@@ -58,8 +58,6 @@ def test_overrides_are_typed_and_applied():
         ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1)"),
         ("model.cell=transformer", "model.cell must be one of lstm, gru, rnn"),
         ("model.matmul_dtype=float16", "model.matmul_dtype must be one of float32, bfloat16"),
-        ("model.matmul_dtype=bfloat16", "needs model.fast_lstm = true"),
-        ("model.chains=2", "model.chains = 2 needs model.fast_lstm = true"),
         ("model.time_chunks=0", "model.time_chunks must be greater than 0"),
         ("train.inter_op_threads=-1", "train.inter_op_threads must be 0 or more"),
         ("epochs=3", "the key must be section.key"),
@@ -93,8 +91,12 @@ def test_parse_override_reads_toml_values():
     assert parse_override('model.cell="lstm"') == ("model", "cell", "lstm")
 
 
-def test_fast_lstm_needs_an_lstm_cell():
-    with pytest.raises(ConfigError, match='model.fast_lstm needs model.cell = "lstm"'):
-        load_config(None, ["model.fast_lstm=true", "model.cell=gru"])
-    cfg = load_config(None, ["model.fast_lstm=true", "model.matmul_dtype=bfloat16"])
-    assert cfg.model.fast_lstm and cfg.model.matmul_dtype == "bfloat16"
+def test_fast_lstm_settings_need_an_lstm_cell():
+    # fast_lstm itself is on by default and only concerns LSTM layers; its own keys need both.
+    assert load_config(None, ["model.cell=gru"]).model.fast_lstm
+    with pytest.raises(ConfigError, match='needs model.cell = "lstm" and model.fast_lstm'):
+        load_config(None, ["model.matmul_dtype=bfloat16", "model.cell=gru"])
+    with pytest.raises(ConfigError, match="got cell 'lstm' and fast_lstm false"):
+        load_config(None, ["model.fast_lstm=false", "model.time_chunks=2"])
+    cfg = load_config(None, ["model.matmul_dtype=auto"])
+    assert cfg.model.fast_lstm and cfg.model.matmul_dtype == "auto"

@@ -152,7 +152,9 @@ def _package_models(fast_overrides, batch=4, seq=6, vocab=11):
     from charrnn_keras.config import load_config
     from charrnn_keras.model import build_model
 
-    plain = build_model(load_config(TINY_CONFIG).model, vocab, batch, seq)
+    plain = build_model(
+        load_config(TINY_CONFIG, ["model.fast_lstm=false"]).model, vocab, batch, seq
+    )
     fast = build_model(load_config(TINY_CONFIG, fast_overrides).model, vocab, batch, seq)
     fast.set_weights(plain.get_weights())
     return plain, fast
@@ -220,9 +222,9 @@ def test_thread_settings_apply_before_tensorflow_starts():
 
     code = (
         "import tensorflow as tf\n"
-        "from charrnn_keras.config import TrainConfig\n"
+        "from charrnn_keras.config import Config, TrainConfig\n"
         "from charrnn_keras.train import apply_threads\n"
-        "apply_threads(TrainConfig(intra_op_threads=1, inter_op_threads=3))\n"
+        "apply_threads(Config(train=TrainConfig(intra_op_threads=1, inter_op_threads=3)))\n"
         "tf.constant(1.0) + 1\n"
         "print(tf.config.threading.get_intra_op_parallelism_threads(),"
         " tf.config.threading.get_inter_op_parallelism_threads())\n"
@@ -233,11 +235,55 @@ def test_thread_settings_apply_before_tensorflow_starts():
 
 
 def test_thread_settings_after_tensorflow_started_warn(caplog):
-    from charrnn_keras.config import TrainConfig
+    from charrnn_keras.config import Config, TrainConfig
     from charrnn_keras.train import apply_threads
 
     tf.constant(1.0) + 1  # the pools are fixed from here on
     wanted = tf.config.threading.get_inter_op_parallelism_threads() + 5
     with caplog.at_level("WARNING"):
-        apply_threads(TrainConfig(inter_op_threads=wanted))
+        apply_threads(Config(train=TrainConfig(inter_op_threads=wanted)))
     assert f"TF_NUM_INTEROP_THREADS={wanted}" in caplog.text
+
+
+def test_defaults_train_lstm_layers_with_fast_lstm_and_say_so():
+    from charrnn_keras.config import load_config
+    from charrnn_keras.model import build_model, compute_path
+
+    cfg = load_config(None)
+    layers = build_model(cfg.model, 5, 2, 4).layers
+    assert any(isinstance(layer, FastLSTM) for layer in layers)
+    assert compute_path(cfg.model) == {"layer": "FastLSTM", "matmul_dtype": "float32",
+                                       "chains": 1, "time_chunks": 1}  # fmt: skip
+    # GRU and SimpleRNN configs are untouched by the default; FastLSTM-only keys are refused.
+    gru = load_config(None, ["model.cell=gru"])
+    assert compute_path(gru.model) == {"layer": "keras.layers.GRU", "matmul_dtype": "float32"}
+    with pytest.raises(Exception, match='needs model.cell = "lstm" and model.fast_lstm = true'):
+        load_config(None, ["model.cell=gru", "model.chains=2"])
+
+
+def test_auto_matmul_dtype_is_bf16_only_on_cpus_that_multiply_it_natively(monkeypatch):
+    from charrnn_keras import model as model_lib
+    from charrnn_keras.config import ModelConfig
+    from charrnn_keras.fast_lstm import native_bf16
+
+    assert native_bf16("flags\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert native_bf16("flags\t: fpu amx_bf16\n")
+    assert not native_bf16("flags\t: fpu sse avx2 avx512f\n")
+    assert not native_bf16("processor : 0\n")  # no flags line (another OS's format)
+    cfg = ModelConfig(matmul_dtype="auto")
+    for native, dtype in [(True, "bfloat16"), (False, "float32")]:
+        monkeypatch.setattr(model_lib, "native_bf16", lambda native=native: native)
+        assert model_lib.matmul_dtype(cfg) == dtype
+        assert model_lib.compute_path(cfg)["matmul_dtype"] == dtype
+
+
+def test_thread_pools_come_from_the_core_count_for_chains():
+    from charrnn_keras.config import load_config
+    from charrnn_keras.train import thread_pools
+
+    assert thread_pools(load_config(None)) == (0, 0)  # TensorFlow's default: one per core
+    chained = load_config(None, ["model.chains=2"])
+    assert thread_pools(chained, cores=2) == (1, 2)
+    assert thread_pools(chained, cores=16) == (8, 2)
+    pinned = load_config(None, ["model.chains=2", "train.intra_op_threads=3"])
+    assert thread_pools(pinned, cores=16) == (3, 2)
