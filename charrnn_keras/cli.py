@@ -18,7 +18,7 @@ from pathlib import Path
 from charrnn_keras import startup
 from charrnn_keras.atomic import storage_error
 from charrnn_keras.errors import CharRNNError, StorageError
-from charrnn_keras.limits import STRATEGIES, UNKNOWN
+from charrnn_keras.limits import INT32_MAX, STRATEGIES, UNKNOWN
 from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
 
 # A full disk, a quota, a read-only or forbidden folder: the user's to fix, not a bug.
@@ -26,10 +26,14 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 
 
 def cmd_train(args) -> int:
+    from charrnn_keras import data as data_lib
     from charrnn_keras.config import load_config
+
+    # Checked before TensorFlow loads (seconds), so these refusals are immediate.
+    cfg = load_config(args.config, args.set or ())
+    data_lib.check_data_path(args.data)
     from charrnn_keras.train import train
 
-    cfg = load_config(args.config, args.set or ())
     result = train(
         cfg,
         data=args.data,
@@ -65,10 +69,28 @@ def _run_dir(args) -> Path:
     return Path(args.run_dir) if args.run_dir else newest_run(_config_name(args.config))
 
 
+def _checked_run(args) -> tuple[Path, object]:
+    """The run directory to use and its vocabulary, checked before TensorFlow loads."""
+    from charrnn_keras import rundir
+
+    run_dir = _run_dir(args)
+    _, vocab = rundir.load_run(run_dir)
+    rundir.find_checkpoint(run_dir, args.checkpoint)
+    return run_dir, vocab
+
+
 def cmd_sample(args) -> int:
+    from charrnn_keras.limits import check_settings
+
+    run_dir, vocab = _checked_run(args)
+    check_settings(
+        dict(num_chars=args.num_chars, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed),
+        {"max_chars": INT32_MAX, "vocab_size": len(vocab)},
+    )  # fmt: skip
     from charrnn_keras.sampling import Sampler
 
-    sampler = Sampler.from_run_dir(_run_dir(args), args.checkpoint)
+    sampler = Sampler.from_run_dir(run_dir, args.checkpoint)
     prime = sampler.prepare_prime(args.prime, unknown=args.unknown)
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     strategy=args.strategy)  # fmt: skip
@@ -94,10 +116,11 @@ def _print_samples(prime: str, texts: list[str], seed: int) -> None:
 
 
 def cmd_export(args) -> int:
+    run_dir, _ = _checked_run(args)
     from charrnn_keras.export import export_run
 
     path = export_run(
-        _run_dir(args),
+        run_dir,
         export_dir=args.export_dir,
         model_name=args.model_name,
         version=args.version,

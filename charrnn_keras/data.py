@@ -75,6 +75,12 @@ def _strip_bom(raw: bytes, name) -> bytes:
     return raw[len(BOM) :]
 
 
+def check_data_path(data: str | None) -> None:
+    """Raises DataError when ``data`` names no file or directory of files (None: built in)."""
+    if data is not None and data != BUILTIN:
+        _list_files(Path(data))
+
+
 def _list_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]

@@ -7,6 +7,9 @@ for them).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
@@ -28,9 +31,44 @@ def configure_logging(verbose: bool) -> None:
 
 
 def load_tensorflow(verbose: bool) -> None:
-    """Imports TensorFlow quietly, unless its start-up lines were asked for."""
-    if not _wants_tensorflow_startup(verbose):
-        _load_tensorflow()
+    """Makes the first ``import tensorflow`` quiet, unless its start-up lines were asked for.
+
+    TensorFlow is not imported here: a command that refuses its input before it needs
+    TensorFlow (a bad flag, config or data path) answers at once, and the import, whenever
+    something makes it, runs with stderr held (``_load_tensorflow``).
+    """
+    if _wants_tensorflow_startup(verbose) or "tensorflow" in sys.modules:
+        return
+    if not any(isinstance(f, _QuietImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImport())
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` for the import system with a loader that holds stderr (once)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _HeldLoader(spec.loader)
+        return spec
+
+
+class _HeldLoader(importlib.abc.Loader):
+    """Runs TensorFlow's own loader inside ``_stderr_held``, then lists the devices there too."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _stderr_held():
+            self.loader.exec_module(module)
+            module.config.list_physical_devices()
 
 
 def _quiet_tensorflow(verbose: bool) -> None:
@@ -51,8 +89,9 @@ def _wants_tensorflow_startup(verbose: bool) -> bool:
     )
 
 
-def _load_tensorflow() -> None:
-    """Imports TensorFlow and lists its devices with stderr's file descriptor pointed away.
+@contextlib.contextmanager
+def _stderr_held():
+    """Points stderr's file descriptor away while TensorFlow loads and lists its devices.
 
     Why at the descriptor: TensorFlow 2.21 logs through Abseil from C++ static initialisers while
     its shared libraries load. The oneDNN notice (core/util/port.cc, reached from
@@ -64,11 +103,12 @@ def _load_tensorflow() -> None:
     python/profiler/internal/_pywrap_profiler_plugin.so each link their own copy of Abseil and of
     these initialisers, and `import tensorflow` loads both: hence everything twice. No variable
     reaches them (TF_ENABLE_ONEDNN_OPTS=0 silences the notice only by turning oneDNN off, and a
-    CPU-only TensorFlow still prints it). Listing the devices here keeps a machine without a CUDA
-    driver's "failed call to cuInit" error (logged when TensorFlow first looks for GPUs) in the
-    same window. What was written is dropped, unless loading fails: then it may say why.
+    CPU-only TensorFlow still prints it). Listing the devices inside keeps a machine without a
+    CUDA driver's "failed call to cuInit" error (logged when TensorFlow first looks for GPUs) in
+    the same window. What was written is dropped, unless loading fails: then it may say why.
     """
-    if "tensorflow" in sys.modules or sys.stderr is None:  # None: run with stderr closed
+    if sys.stderr is None:  # run with stderr closed: nothing to hold
+        yield
         return
     sys.stderr.flush()
     real_stderr = os.dup(2)
@@ -76,9 +116,7 @@ def _load_tensorflow() -> None:
         loaded = False
         try:
             os.dup2(held.fileno(), 2)
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
+            yield
             loaded = True
         finally:
             sys.stderr.flush()

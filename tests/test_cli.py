@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,53 @@ def test_newest_run_follows_train_naming(tmp_path, monkeypatch):
     assert next_in_series("tiny") == Path("runs", "tiny-11")
     assert next_in_series("other") == Path("runs", "other-100")
     assert next_in_series("new") == Path("runs", "new")
+
+
+# One case for each row of README.md's bad-input and crash tables whose refusal a user sees
+# on the command line: the whole of stderr is that one line, TensorFlow loaded or not.
+# (id, setup(tmp) -> argv, exit status, words the line holds)
+def _damaged(tmp, tiny_run, name, content=b"\xff\xfe"):
+    run = tmp / "run"
+    shutil.copytree(tiny_run, run)
+    (run / name).write_bytes(content)
+    return run
+
+
+README_ROWS = [
+    ("empty-corpus", lambda tmp, run: ["train", "--data", _file(tmp, "e.txt", b""), "--run-dir", tmp / "r"], 2, "is empty"),  # noqa: E501
+    ("binary-corpus", lambda tmp, run: ["train", "--data", _file(tmp, "b.txt", b"ab\x00cd"), "--run-dir", tmp / "r"], 2, "looks binary"),  # noqa: E501
+    ("corpus-too-small", lambda tmp, run: ["train", "--config", TINY_CONFIG, "--data", _file(tmp, "s.txt", b"abcab"), "--run-dir", tmp / "r"], 2, "needs at least"),  # noqa: E501
+    ("bad-setting", lambda tmp, run: ["train", "--set", "train.epochs=0"], 2, "train.epochs must be greater than 0"),  # noqa: E501
+    ("unknown-key-in-file", lambda tmp, run: ["train", "--config", _file(tmp, "c.toml", b"[model]\nsize = 3\n")], 2, "unknown key model.size"),  # noqa: E501
+    ("model-too-large", lambda tmp, run: ["train", "--config", TINY_CONFIG, "--data", _file(tmp, "t.txt", TINY_TEXT.encode()), "--run-dir", tmp / "r", "--set", "model.rnn_size=1000000"], 2, "model.rnn_size"),  # noqa: E501
+    ("overwrite-not-a-run", lambda tmp, run: ["train", "--data", _file(tmp, "d/c.txt", TINY_TEXT.encode()), "--run-dir", tmp / "d", "--overwrite"], 2, "is not a run directory"),  # noqa: E501
+    ("sample-missing-run", lambda tmp, run: ["sample", "--run-dir", tmp / "nope"], 2, "does not exist"),  # noqa: E501
+    ("sample-unknown-prime", lambda tmp, run: ["sample", "--run-dir", run, "-p", "th\u00e9"], 2, "U+00E9"),  # noqa: E501
+    ("sample-top-k-over-vocab", lambda tmp, run: ["sample", "--run-dir", run, "--top-k", "999"], 2, "top_k must be from 0"),  # noqa: E501
+    ("damaged-vocab", lambda tmp, run: ["sample", "--run-dir", _damaged(tmp, run, "vocab.json")], 2, "is damaged"),  # noqa: E501
+    ("damaged-checkpoint", lambda tmp, run: ["sample", "--run-dir", _damaged(tmp, run, "checkpoints/best.weights.h5")], 2, "cannot be loaded"),  # noqa: E501
+    ("export-missing-run", lambda tmp, run: ["export", "--run-dir", tmp / "nope", "--export-dir", tmp / "e"], 2, "does not exist"),  # noqa: E501
+    ("export-max-chars-over-int32", lambda tmp, run: ["export", "--run-dir", run, "--max-chars", "3000000000"], 2, "(int32)"),  # noqa: E501
+    ("serve-no-export", lambda tmp, run: ["serve", "--export-dir", tmp / "nope", "--port", "0"], 2, "does not exist"),  # noqa: E501
+    ("query-no-server", lambda tmp, run: ["query", "--server", "127.0.0.1:1", "-n", "5", "--timeout", "5"], 2, "cannot reach"),  # noqa: E501
+]  # fmt: skip
+
+
+def _file(tmp: Path, name: str, content: bytes) -> Path:
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setup, status, words", [r[1:] for r in README_ROWS], ids=[r[0] for r in README_ROWS]
+)
+def test_readme_refusals_are_the_whole_stderr(tmp_path, tiny_run, setup, status, words):
+    argv = setup(tmp_path, tiny_run)
+    proc = charrnn(*argv, cwd=tmp_path)
+    assert proc.returncode == status, proc.stderr
+    line = proc.stderr.removesuffix("\n")
+    assert proc.stderr == line + "\n" and "\n" not in line, proc.stderr  # the whole of stderr
+    assert line.startswith(f"charrnn {argv[0]}: error: ") and words in line, line
