@@ -16,6 +16,7 @@ from charrnn_keras import data as data_lib
 from charrnn_keras.backup import RunBackup
 from charrnn_keras.callbacks import (
     PeriodicCheckpoint,
+    Progress,
     ResetStates,
     SampleText,
     TimeBudget,
@@ -193,6 +194,7 @@ def _callbacks(cfg: Config, run: RunDir, vocab, val_ds, steps: int, best_so_far,
     t = cfg.train
     monitor = "val_loss" if val_ds is not None else "loss"
     callbacks = [
+        Progress(),
         ResetStates(),
         keras.callbacks.LearningRateScheduler(lambda epoch: t.learning_rate * t.lr_decay**epoch),
         keras.callbacks.TerminateOnNaN(),

@@ -325,3 +325,18 @@ def test_time_budget_stop_is_resumable_and_records_whole_epochs_only(
     assert [int(r["epoch"]) for r in _history(run)] == [0, 1, 2]
     assert not (run / "backup").exists()
     assert _tensorboard_steps(run) == [0, 1, 2], "each epoch once in TensorBoard"
+
+
+def test_progress_bar_of_an_epoch_cut_short_ends_where_it_stopped(capsys):
+    from charrnn_keras.callbacks import Progress
+
+    for verbose, steps_run, shown in [(1, 3, "3/10"), (2, 3, "3/10"), (2, 10, "10/10")]:
+        bar = Progress()
+        bar.set_params({"verbose": verbose, "epochs": 1, "steps": 10})
+        bar.on_train_begin()
+        bar.on_epoch_begin(0)
+        for step in range(steps_run):
+            bar.on_train_batch_end(step, {"loss": 1.0})
+        bar.on_epoch_end(0, {"loss": 1.0})
+        out = capsys.readouterr().out
+        assert shown in out and ("10/10" not in out or steps_run == 10), (verbose, out)
