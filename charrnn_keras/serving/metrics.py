@@ -48,7 +48,8 @@ DEFAULT_PATH = "/monitoring/prometheus/metrics"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # TF Serving's buckets: monitoring::Buckets::Exponential(10, 1.8, 33) microseconds (10 us to
 # about 20 minutes) for latency, Exponential(1, 2, 15) for examples per request.
-LATENCY_BUCKETS_US = [10 * 1.8**i for i in range(33)]
+# Six significant digits, as TF Serving prints them (absl::StrCat), not 32.400000000000006.
+LATENCY_BUCKETS_US = [float(f"{10 * 1.8**i:.6g}") for i in range(33)]
 BATCH_BUCKETS = [2.0**i for i in range(15)]
 
 
