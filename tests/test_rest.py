@@ -6,10 +6,12 @@ import base64
 import contextlib
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -275,3 +277,38 @@ def test_cli_takes_tf_servings_flag_spellings():
         args = parser.parse_args(["serve", flag, "8501", "--monitoring_config_file", "m.config"])
         assert (args.rest_api_port, args.monitoring_config_file) == (8501, "m.config")
     assert parser.parse_args(["serve"]).rest_api_port == 0
+
+
+def test_step_row_format_answers_every_output_per_row_as_grpc_does(server):
+    with Client(f"127.0.0.1:{server.port}", MODEL) as client:
+        logits, states = client.step([1, 2])
+        size = client.metadata()[names.RNN_SIZE]
+    zeros = [0.0] * size
+    row = {name: zeros for name in states}
+    instances = [dict(row, char_ids=[1]), dict(row, char_ids=[2])]
+    status, answer = predict(server, {"signature_name": "step", "instances": instances})
+    assert status == 200 and len(answer["predictions"]) == 2
+    for b, prediction in enumerate(answer["predictions"]):
+        assert set(prediction) == {names.LOGITS, *states}
+        # float32 written as its shortest decimal reads back as the same float32
+        assert np.array_equal(np.float32(prediction[names.LOGITS]), logits[b])
+        for name, value in states.items():
+            assert np.array_equal(np.float32(prediction[name]), value[b])
+
+
+def test_a_rest_client_that_hangs_up_stops_its_long_generation(server):
+    row = dict(ROWS[0], num_chars=10_000)
+    body = json.dumps({"instances": [row] * 64}).encode()
+    before = server.manager.outcomes.snapshot().get("cancelled", 0)
+    with socket.create_connection(("127.0.0.1", server.rest_port)) as connection:
+        connection.sendall(
+            b"POST /v1/models/%s:predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            % (MODEL.encode(), len(body))
+            + body
+        )
+        time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while server.manager.outcomes.snapshot().get("cancelled", 0) == before:
+        assert time.monotonic() < deadline, "the generation ran on after its client left"
+        time.sleep(0.05)
+    assert predict(server, {"instances": ROWS[:1]})[0] == 200
