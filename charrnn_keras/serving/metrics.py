@@ -10,7 +10,10 @@ cannot hold into ':', so the exposed names start with ``:tensorflow:serving:``
 - the names keep that spelling (a leading ':' is legal in Prometheus names);
 - ``request_count`` has one more label, ``signature_name``, so that requests can be counted by
   signature; and ``prometheus_client`` exposes every counter with OpenMetrics' ``_total``
-  suffix (``:tensorflow:serving:request_count_total``), which it cannot be told not to add;
+  suffix (``:tensorflow:serving:request_count_total``, with a ``_created`` gauge beside it),
+  which only a process-wide switch could change;
+- as in TF Serving, gRPC counts Predict only, while REST counts every ``/v1/`` request (a GET
+  with ``API`` "" and ``signature_name`` "");
 - TF Serving has no batch-size metric for Predict (``request_example_counts`` counts
   tf.Examples of Classify and Regress), so the rows of each predict request go to a histogram
   of our own, ``charrnn_request_batch_size``, with the buckets TF Serving uses for examples.
@@ -22,7 +25,6 @@ The endpoint is switched on, as in TF Serving, by ``--monitoring_config_file``: 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +42,6 @@ from prometheus_client import (
 from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
 from charrnn_keras.serving.lanes import RequestError
-
-log = logging.getLogger(__name__)
 
 # PrometheusExporter::kPrometheusPath, used when the config names no path.
 DEFAULT_PATH = "/monitoring/prometheus/metrics"

@@ -122,7 +122,7 @@ class RestApi:
             return HTTP_STATUS.get(e.code, 500), _dumps({"error": str(e)})
         except Exception as e:  # answer, and keep serving, whatever a request does
             log.exception("REST %s %s failed", method, path)
-            return 500, _dumps({"error": f"{type(e).__name__}: {e}"})
+            return 500, _dumps({"error": " ".join(f"{type(e).__name__}: {e}".split())})
 
     def _dispatch(self, method, path, body, call, tracked, match, model, version, label, verb):
         spec = model_pb2.ModelSpec(name=model)
