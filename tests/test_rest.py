@@ -5,14 +5,20 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+import types
 import urllib.error
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
+from conftest import REPO
 from prometheus_client.parser import text_string_to_metric_families
 
 from charrnn_keras import cli
@@ -312,3 +318,36 @@ def test_a_rest_client_that_hangs_up_stops_its_long_generation(server):
         assert time.monotonic() < deadline, "the generation ran on after its client left"
         time.sleep(0.05)
     assert predict(server, {"instances": ROWS[:1]})[0] == 200
+
+
+def test_charrnn_serve_rest_api_port_and_monitoring_config(export_dir, tmp_path):
+    config = tmp_path / "monitoring.config"
+    config.write_text('prometheus_config { enable: true, path: "/metrics" }')
+    with socket.socket() as probe:  # a free port: the CLI's 0 means off, as in TF Serving
+        probe.bind(("127.0.0.1", 0))
+        rest_port = probe.getsockname()[1]
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "charrnn_keras.cli", "serve", "--export-dir", str(export_dir),
+            "--port", "0", "--rest_api_port", str(rest_port), "--monitoring_config_file",
+            str(config)]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while f"REST API for {MODEL} listening on 127.0.0.1:{rest_port}" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        running = types.SimpleNamespace(rest_port=rest_port)
+        assert call(running, "GET", f"/v1/models/{MODEL}")[0] == 200
+        status, _, page = http(running, "GET", "/metrics")
+        assert status == 200 and b":tensorflow:serving:request_count_total{" in page
+    finally:
+        proc.send_signal(signal.SIGINT)  # charrnn serve stops on Ctrl-C
+        try:
+            assert proc.wait(30) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -237,10 +237,11 @@ def start_server(
             server.stop(None)
             manager.close()
             raise
-        log.info("REST API for %s listening on %s:%d%s", model_name, host, rest.port,
-                 f", metrics at {metrics_path}" if metrics_path else "")  # fmt: skip
     server.start()
     log.info("gRPC server for %s listening on %s:%d", model_name, host, bound)
+    if rest is not None:  # logged after gRPC's line, which scripts wait for first
+        log.info("REST API for %s listening on %s:%d%s", model_name, host, rest.port,
+                 f", metrics at {metrics_path}" if metrics_path else "")  # fmt: skip
     return RunningServer(manager, server, bound, poll_seconds, rest)
 
 
