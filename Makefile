@@ -11,6 +11,8 @@ ARGS       ?=
 EXPORT_DIR ?= export
 MODEL_NAME ?= charrnn
 PORT       ?= 8500
+REST_PORT  ?= 8501
+MONITORING_CONFIG ?=
 PRIME      ?=
 NUM_CHARS  ?= 500
 SEED       ?= 0
@@ -45,12 +47,17 @@ export: $(STAMP)  ## export a run (RUN_DIR, default the newest of CONFIG) as a n
 	$(BIN)/charrnn export $(RUN_OR_CONFIG) --export-dir $(EXPORT_DIR) \
 		--model-name $(MODEL_NAME) $(ARGS)
 
-serve: $(STAMP)  ## serve export/ on PORT: tensorflow_model_server if installed, else ours
+# REST_PORT 8501 is the TF Serving image's; MONITORING_CONFIG, a MonitoringConfig text proto,
+# serves Prometheus metrics on it.
+MONITORING_FLAG = $(if $(MONITORING_CONFIG),--monitoring_config_file=$(abspath $(MONITORING_CONFIG)))
+
+serve: $(STAMP)  ## serve export/ on PORT (gRPC) and REST_PORT: tensorflow_model_server if installed, else ours
 	@if command -v tensorflow_model_server >/dev/null; then \
-		tensorflow_model_server --port=$(PORT) \
+		tensorflow_model_server --port=$(PORT) --rest_api_port=$(REST_PORT) $(MONITORING_FLAG) \
 			--model_config_file=$(abspath $(EXPORT_DIR))/models.config; \
 	else \
-		$(BIN)/charrnn serve --export-dir $(EXPORT_DIR) --model-name $(MODEL_NAME) --port $(PORT); \
+		$(BIN)/charrnn serve --export-dir $(EXPORT_DIR) --model-name $(MODEL_NAME) --port $(PORT) \
+			--rest_api_port $(REST_PORT) $(MONITORING_FLAG); \
 	fi
 
 test: $(STAMP)  ## run the test suite

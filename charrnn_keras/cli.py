@@ -134,7 +134,14 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from charrnn_keras.serving.server import serve
 
-    serve(args.export_dir, args.model_name, host=args.host, port=args.port)
+    serve(
+        args.export_dir,
+        args.model_name,
+        host=args.host,
+        port=args.port,
+        rest_api_port=args.rest_api_port or None,  # 0 is off, as in tensorflow_model_server
+        monitoring_config_file=args.monitoring_config_file,
+    )
     return 0
 
 
@@ -338,6 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="charrnn")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     p.add_argument("--port", type=_number("int32", 0, 65535), default=8500)
+    p.add_argument(
+        "--rest-api-port",
+        "--rest_api_port",
+        type=_number("int32", 0, 65535),
+        default=0,
+        help="port of TF Serving's REST API (0 = off, TF Serving's default; its image uses 8501)",
+    )
+    p.add_argument(
+        "--monitoring-config-file",
+        "--monitoring_config_file",
+        help="TF Serving MonitoringConfig text proto; 'prometheus_config { enable: true }' "
+        "serves /monitoring/prometheus/metrics on the REST port",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="ask a TF Serving server for text")

@@ -24,6 +24,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc as prediction_gr
 from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
 from charrnn_keras.serving.lanes import Call, RequestError
+from charrnn_keras.serving.metrics import Metrics, prometheus_path
 from charrnn_keras.serving.servable import typed_tensor_proto
 from charrnn_keras.serving.versions import LOAD_RETRY_SECONDS, MAX_LOAD_RETRIES, ModelManager
 
@@ -41,15 +42,19 @@ def _answer(context, call):
 class PredictionServicer(prediction_grpc.PredictionServiceServicer):
     """PredictionService: Predict and GetModelMetadata over a ModelManager."""
 
-    def __init__(self, manager: ModelManager):
-        self.manager = manager
+    def __init__(self, manager: ModelManager, metrics: Metrics | None = None):
+        self.manager, self.metrics = manager, metrics or Metrics()
 
     def Predict(self, request, context):  # noqa: N802 (gRPC method names)
         def call():
-            with self.manager.acquire(request.model_spec) as loaded:
-                outputs = loaded.predict(
-                    request, timeout=context.time_remaining(), call=Call.of(context)
-                )
+            spec = request.model_spec
+            with self.metrics.track(spec.name, "Predict", "GRPC") as tracked:
+                tracked.signature_name = spec.signature_name or names.SERVING_DEFAULT
+                with self.manager.acquire(spec) as loaded:
+                    outputs = loaded.predict(
+                        request, timeout=context.time_remaining(), call=Call.of(context)
+                    )
+                tracked.request = request
             response = predict_pb2.PredictResponse()
             response.model_spec.name = self.manager.model_name
             response.model_spec.version.value = loaded.version
@@ -127,8 +132,11 @@ class RunningServer:
         poll_seconds: how often the export directory is checked for new versions.
     """
 
-    def __init__(self, manager: ModelManager, server, port: int, poll_seconds: float):
+    def __init__(self, manager: ModelManager, server, port: int, poll_seconds: float,
+                 rest=None):  # fmt: skip
         self.manager, self.server, self.port = manager, server, port
+        self.rest = rest  # the RestServer, if --rest_api_port is on
+        self.rest_port = None if rest is None else rest.port
         self._stopped = threading.Event()
         self._poller = threading.Thread(
             target=self._poll, args=(poll_seconds,), name="charrnn-version-poll", daemon=True
@@ -147,6 +155,8 @@ class RunningServer:
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stopped.set()
+        if self.rest is not None:
+            self.rest.stop()
         self.server.stop(grace).wait()
         self._poller.join()
         self.manager.close()
@@ -168,6 +178,8 @@ def start_server(
     heavy_slots: int = 1,
     max_load_retries: int = MAX_LOAD_RETRIES,
     load_retry_seconds: float = LOAD_RETRY_SECONDS,
+    rest_api_port: int | None = None,
+    monitoring_config_file=None,
 ) -> RunningServer:
     """Loads the highest version of a model and starts serving it (returns at once).
 
@@ -182,10 +194,17 @@ def start_server(
             half of ``max_workers`` more wait, so the other half stays free for short ones.
         max_load_retries: attempts after a failed load (TF Serving's ``--max_num_load_retries``).
         load_retry_seconds: seconds between them (``--load_retry_interval_micros``).
+        rest_api_port: the port of TF Serving's REST API (``rest``); None is off (TF Serving's
+            0, which here picks a free port, as ``port`` 0 does).
+        monitoring_config_file: a MonitoringConfig text proto that enables the Prometheus page
+            on the REST port (TF Serving's ``--monitoring_config_file``).
 
     Returns:
         The RunningServer.
     """
+    metrics_path = prometheus_path(monitoring_config_file)
+    if metrics_path is not None and rest_api_port is None:
+        raise ServingError("the Prometheus metrics are served on the REST port: set a REST port")
     manager = ModelManager(
         export_dir, model_name, max_load_retries=max_load_retries,
         load_retry_seconds=load_retry_seconds, heavy_slots=heavy_slots,
@@ -195,7 +214,10 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=[("grpc.so_reuseport", 0)]
     )
-    prediction_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(manager), server)
+    metrics = Metrics()
+    prediction_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(manager, metrics), server
+    )
     model_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -204,14 +226,31 @@ def start_server(
     if not bound:
         manager.close()
         raise ServingError(f"cannot listen on {host}:{port}; is another server using the port?")
+    rest = None
+    if rest_api_port is not None:
+        from charrnn_keras.serving.rest import RestApi, RestServer  # aiohttp only when asked
+
+        try:
+            rest = RestServer(RestApi(manager, metrics), host, rest_api_port, metrics_path,
+                              max_workers)  # fmt: skip
+        except ServingError:
+            server.stop(None)
+            manager.close()
+            raise
     server.start()
     log.info("gRPC server for %s listening on %s:%d", model_name, host, bound)
-    return RunningServer(manager, server, bound, poll_seconds)
+    if rest is not None:  # logged after gRPC's line, which scripts wait for first
+        log.info("REST API for %s listening on %s:%d%s", model_name, host, rest.port,
+                 f", metrics at {metrics_path}" if metrics_path else "")  # fmt: skip
+    return RunningServer(manager, server, bound, poll_seconds, rest)
 
 
-def serve(export_dir="export", model_name: str = "charrnn", host="127.0.0.1", port=8500) -> None:
+def serve(export_dir="export", model_name: str = "charrnn", host="127.0.0.1", port=8500,
+          rest_api_port: int | None = None, monitoring_config_file=None) -> None:  # fmt: skip
     """Serves until interrupted; see ``start_server`` for the arguments."""
-    running = start_server(export_dir, model_name, host=host, port=port)
+    running = start_server(export_dir, model_name, host=host, port=port,
+                           rest_api_port=rest_api_port,
+                           monitoring_config_file=monitoring_config_file)  # fmt: skip
     try:
         running.wait()
     finally:
