@@ -103,6 +103,7 @@ def cmd_export(args) -> int:
         version=args.version,
         checkpoint=args.checkpoint,
         max_chars=args.max_chars,
+        batching_parameters_file=args.batching_parameters_file,
     )
     print(f"exported SavedModel: {path}")
     return 0
@@ -111,7 +112,8 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from charrnn_keras.serving.server import serve
 
-    serve(args.export_dir, args.model_name, host=args.host, port=args.port)
+    serve(args.export_dir, args.model_name, host=args.host, port=args.port,
+          model_config_file=args.model_config_file)  # fmt: skip
     return 0
 
 
@@ -308,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_CHARS,
         help="cap on num_chars per request",
     )
+    p.add_argument(
+        "--batching_parameters_file",
+        "--batching-parameters-file",
+        help="TF Serving BatchingParameters text file: run generate in TensorFlow's "
+        "BatchFunction op, which merges concurrent requests in any server",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")
@@ -315,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="charrnn")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     p.add_argument("--port", type=_number("int32", 0, 65535), default=8500)
+    p.add_argument(
+        "--model_config_file",
+        "--model-config-file",
+        help="TF Serving ModelServerConfig text file (e.g. export/models.config): the model's "
+        "base_path, model_version_policy and version_labels",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="ask a TF Serving server for text")

@@ -23,11 +23,24 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn_keras import atomic, generation
+from charrnn_keras import batching as batching_lib
 from charrnn_keras.errors import ServingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES
 from charrnn_keras.serving import names
 
 log = logging.getLogger(__name__)
+
+
+# generate's inputs: every one has the batch first.
+_ROW_SPECS = [
+    tf.TensorSpec([None], tf.string, names.PRIME),
+    tf.TensorSpec([None], tf.int32, names.NUM_CHARS),
+    tf.TensorSpec([None], tf.float32, names.TEMPERATURE),
+    tf.TensorSpec([None], tf.int32, names.TOP_K),
+    tf.TensorSpec([None], tf.float32, names.TOP_P),
+    tf.TensorSpec([None, 2], tf.int64, names.SEED),
+    tf.TensorSpec([None], tf.string, names.STRATEGY),
+]
 
 
 class ExportModule:
@@ -42,6 +55,8 @@ class ExportModule:
             summed over its rows (prime bytes, at least 1, + num_chars per row): its work.
         max_rows: the most primes one ``generate`` request may hold: its memory, since each
             row carries its own recurrent state and gate activations.
+        batching: BatchingParameters: run the generation in TensorFlow's BatchFunction op,
+            which merges concurrent requests (``batching.batched``); None runs each alone.
     """
 
     def __init__(
@@ -52,6 +67,7 @@ class ExportModule:
         max_chars: int = names.DEFAULT_MAX_CHARS,
         max_batch_chars: int = names.DEFAULT_MAX_BATCH_CHARS,
         max_rows: int = names.DEFAULT_MAX_ROWS,
+        batching=None,
     ):
         self.gen = generation.Generator(model, vocab)
         self.cfg, self.vocab = cfg, vocab
@@ -59,6 +75,9 @@ class ExportModule:
         self.state_names = [name for name, _ in self.gen.layout]
         self.bounds = {"max_chars": int(max_chars), "vocab_size": len(vocab)}
         self.max_batch_chars, self.max_rows = int(max_batch_chars), int(max_rows)
+        self.batching, self._rows = batching, self._generate_rows
+        if batching is not None:  # each request is checked alone, before it joins a batch
+            self._rows = batching_lib.batched(self._generate_rows, batching, _ROW_SPECS)
 
     def generate(self, prime, num_chars, temperature, top_k, top_p, seed, strategy):
         """Generates text after each prime, in one graph call; every input has one row per
@@ -108,9 +127,20 @@ class ExportModule:
         ]  # fmt: skip
         with tf.control_dependencies(checks):
             prime, num_chars = tf.identity(prime), tf.identity(num_chars)
+        out = self._rows(prime, num_chars, temperature, top_k, top_p, seed, strategy)
+        if self.batching is None:
+            return {names.TEXT: out[0]}
+        return {names.TEXT: out[0], names.BATCH_SIZE: out[1]}
+
+    def _generate_rows(self, prime, num_chars, temperature, top_k, top_p, seed, strategy):
+        """The generation itself, on rows already checked: [text] alone, [text, batch size]
+        in the BatchFunction (the rows it ran with, padding included: the op's own evidence
+        that requests were merged)."""
         draw = generation.Draw(temperature, top_k, top_p, seed, words=strategy == "words")
         text = generation.generate_graph(self.gen, self.table, prime, num_chars, draw)
-        return {names.TEXT: text}
+        if self.batching is None:
+            return [text]
+        return [text, tf.fill(tf.shape(prime), tf.size(prime))]
 
     def step(self, inputs):
         """One character with explicit state: {char_ids, <state>...} -> {logits, <state>...}."""
@@ -146,19 +176,7 @@ class ExportModule:
         spec = tf.TensorSpec
         archive = keras.export.ExportArchive()
         archive.track(self.table)  # a lookup table is tracked by hand, as Keras documents
-        archive.add_endpoint(
-            names.GENERATE,
-            self.generate,
-            input_signature=[
-                spec([None], tf.string, names.PRIME),
-                spec([None], tf.int32, names.NUM_CHARS),
-                spec([None], tf.float32, names.TEMPERATURE),
-                spec([None], tf.int32, names.TOP_K),
-                spec([None], tf.float32, names.TOP_P),
-                spec([None, 2], tf.int64, names.SEED),
-                spec([None], tf.string, names.STRATEGY),
-            ],
-        )
+        archive.add_endpoint(names.GENERATE, self.generate, input_signature=_ROW_SPECS)
         step_spec = {names.CHAR_IDS: spec([None, 1], tf.int32, names.CHAR_IDS)}
         for name, size in self.gen.layout:
             step_spec[name] = spec([None, size], tf.float32, name)
@@ -174,6 +192,7 @@ def export_run(
     version: int | None = None,
     checkpoint=None,
     max_chars: int = names.DEFAULT_MAX_CHARS,
+    batching_parameters_file=None,
 ) -> Path:
     """Writes ``export_dir/model_name/version/`` atomically and refreshes ``models.config``.
 
@@ -190,6 +209,8 @@ def export_run(
         checkpoint: a weights file (default: the best, else the latest checkpoint).
         max_chars: the largest ``num_chars`` a ``generate`` request may ask for, 0 to
             2**31-1 (the signature's int32).
+        batching_parameters_file: a BatchingParameters text proto: ``generate`` then runs in
+            TensorFlow's BatchFunction op with them, merging concurrent requests in any server.
 
     Returns:
         The path of the new version directory.
@@ -209,8 +230,11 @@ def export_run(
     final = model_dir / str(version)
     if final.exists():
         raise ServingError(f"{final} already exists; versions are never overwritten")
+    params = None
+    if batching_parameters_file is not None:
+        params = batching_lib.read_parameters(batching_parameters_file)
     model, cfg, vocab = generation.load_sampling_model(run_dir, checkpoint)
-    archive = ExportModule(model, cfg, vocab, max_chars).archive()
+    archive = ExportModule(model, cfg, vocab, max_chars, batching=params).archive()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only or full export_dir; e.filename is the folder refused
@@ -231,6 +255,9 @@ def export_run(
             raise
         raise error from None
     write_models_config(export_dir)
+    parameters = Path(export_dir) / batching_lib.BATCHING_PARAMETERS
+    if not parameters.exists():  # a file the user tuned stays as it is
+        batching_lib.write_parameters(parameters)
     log.info("exported %s", final)
     return final
 
