@@ -14,6 +14,7 @@ PORT       ?= 8500
 PRIME      ?=
 NUM_CHARS  ?= 500
 SEED       ?= 0
+BATCHING   ?= 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sample export serve test lint bench
@@ -45,12 +46,17 @@ export: $(STAMP)  ## export a run (RUN_DIR, default the newest of CONFIG) as a n
 	$(BIN)/charrnn export $(RUN_OR_CONFIG) --export-dir $(EXPORT_DIR) \
 		--model-name $(MODEL_NAME) $(ARGS)
 
+# TF Serving's request batching with export/batching_parameters.txt (written by charrnn export);
+# BATCHING=0 turns it off, e.g. for an export batched in its graph (--batching_parameters_file).
 serve: $(STAMP)  ## serve export/ on PORT: tensorflow_model_server if installed, else ours
 	@if command -v tensorflow_model_server >/dev/null; then \
 		tensorflow_model_server --port=$(PORT) \
-			--model_config_file=$(abspath $(EXPORT_DIR))/models.config; \
+			--model_config_file=$(abspath $(EXPORT_DIR))/models.config \
+			$(if $(filter 1,$(BATCHING)),--enable_batching \
+			--batching_parameters_file=$(abspath $(EXPORT_DIR))/batching_parameters.txt); \
 	else \
-		$(BIN)/charrnn serve --export-dir $(EXPORT_DIR) --model-name $(MODEL_NAME) --port $(PORT); \
+		$(BIN)/charrnn serve --export-dir $(EXPORT_DIR) --model-name $(MODEL_NAME) --port $(PORT) \
+			$(if $(wildcard $(EXPORT_DIR)/models.config),--model_config_file $(EXPORT_DIR)/models.config); \
 	fi
 
 test: $(STAMP)  ## run the test suite

@@ -284,6 +284,8 @@ def write_models_config(export_dir, base_path: str | None = None) -> Path:
 
     The file is a ``ModelServerConfig`` text proto built with TF Serving's own message and
     ``text_format``, so any path (quotes, backslashes, non-ASCII) is escaped as TF Serving reads it.
+    A model already listed keeps its ``model_version_policy`` and ``version_labels``, so a
+    policy written by hand survives the next export.
 
     Args:
         export_dir: TF Serving's base directory.
@@ -300,12 +302,23 @@ def write_models_config(export_dir, base_path: str | None = None) -> Path:
     export_dir = Path(export_dir)
     base_path = str(export_dir.resolve()) if base_path is None else base_path
     models = sorted(p.name for p in export_dir.iterdir() if p.is_dir() and names.list_versions(p))
+    path = export_dir / names.MODELS_CONFIG
+    before = {}
+    try:
+        old = text_format.Parse(
+            path.read_text("utf-8"), model_server_config_pb2.ModelServerConfig()
+        )
+        before = {c.name: c for c in old.model_config_list.config}
+    except (OSError, UnicodeDecodeError, text_format.ParseError):
+        pass  # none yet, or unreadable: written anew
     config = model_server_config_pb2.ModelServerConfig()
     for name in models:
-        config.model_config_list.config.add(
+        model = config.model_config_list.config.add(
             name=name, base_path=f"{base_path.rstrip('/')}/{name}", model_platform="tensorflow"
         )
-    path = export_dir / names.MODELS_CONFIG
+        if name in before:
+            model.model_version_policy.CopyFrom(before[name].model_version_policy)
+            model.version_labels.update(before[name].version_labels)
     atomic.write_text(path, text_format.MessageToString(config, as_utf8=True))
     return path
 

@@ -246,3 +246,112 @@ def test_expired_request_does_not_fail_its_batch(plain, batched):
                     texts = list(tf.make_ndarray(answer.outputs[names.TEXT]))
                     assert texts == list(run(alone_session, signature, rows)[names.TEXT])
                     assert set(tf.make_ndarray(answer.outputs[names.BATCH_SIZE])) == {6}
+
+
+def write_config(path: Path, base: Path, policy: str, labels: dict) -> Path:
+    """Writes a ModelServerConfig text proto with TF Serving's message."""
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    model = config.model_config_list.config.add(
+        name="charrnn", base_path=str(base / "charrnn"), model_platform="tensorflow"
+    )
+    text_format.Parse(policy, model.model_version_policy)
+    model.version_labels.update(labels)
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+@pytest.fixture
+def four_versions(plain, tmp_path) -> Path:
+    """export/charrnn/1..3 (copies of one model) and 4, which does not load."""
+    import shutil
+
+    base = tmp_path / "export"
+    for version in (1, 2, 3):
+        shutil.copytree(plain, base / "charrnn" / str(version))
+    (base / "charrnn" / "4").mkdir()
+    (base / "charrnn" / "4" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    return base
+
+
+def test_versions_and_labels_as_tf_serving_manages_them(four_versions, tmp_path):
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    config = write_config(tmp_path / "models.config", four_versions,
+                          "latest { num_versions: 2 }", {"stable": 2, "canary": 3})  # fmt: skip
+    rows = [(b"the", 5, 1.0, 0, 1.0, [1, 0], b"sample")]
+    # base_path comes from the config: export_dir is not used.
+    with start_server(export_dir=tmp_path / "unused", port=0, poll_seconds=3600,
+                      model_config_file=config, max_load_retries=0) as server:  # fmt: skip
+        assert server.manager.served == [2, 3]  # 4 fails: the two highest that load
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = prediction_grpc.PredictionServiceStub(channel)
+            for version, label, served in [(None, "", 3), (None, "stable", 2),
+                                           (None, "canary", 3), (2, "", 2)]:  # fmt: skip
+                answer = stub.Predict(predict_request(rows, version, label), timeout=60)
+                assert answer.model_spec.version.value == served
+            for version, label, code, message in [
+                (None, "beta", grpc.StatusCode.INVALID_ARGUMENT,
+                 "Unrecognized servable version label: beta"),
+                (1, "", grpc.StatusCode.NOT_FOUND,
+                 "Servable not found for request: Specific(charrnn, 1)"),
+            ]:  # fmt: skip
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Predict(predict_request(rows, version, label), timeout=60)
+                assert (e.value.code(), e.value.details()) == (code, message)
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = "charrnn"
+            status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request)
+            states = {s.version: s for s in status.model_version_status}
+            assert states[4].state == get_model_status_pb2.ModelVersionStatus.END
+            assert states[4].status.error_message  # why version 4 did not load
+            assert states[3].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+@pytest.mark.parametrize(
+    "policy, served",
+    [
+        ("all {}", [1, 2, 3]),
+        ("specific { versions: 1 versions: 3 versions: 9 }", [1, 3]),
+        ("", [3]),
+    ],  # fmt: skip
+)
+def test_model_version_policies(four_versions, tmp_path, policy, served):
+    from charrnn_keras.serving.policy import read_model_config
+    from charrnn_keras.serving.versions import ModelManager
+
+    config = write_config(tmp_path / "models.config", four_versions, policy, {})
+    manager = ModelManager(four_versions, "charrnn", max_load_retries=0,
+                           policy=read_model_config(config, "charrnn"))  # fmt: skip
+    try:
+        assert manager.served == served
+    finally:
+        manager.close()
+
+
+def test_a_label_on_a_version_not_served_is_refused(four_versions, tmp_path):
+    from charrnn_keras import cli
+
+    config = write_config(tmp_path / "models.config", four_versions, "", {"stable": 2})
+    with pytest.raises(ServingError, match="Request to assign label to version 2 of model "
+                       "charrnn, which is not currently available for inference"):  # fmt: skip
+        start_server(export_dir=four_versions, port=0, model_config_file=config)
+    with pytest.raises(ServingError, match="lists no model named 'other'"):
+        start_server(export_dir=four_versions, model_name="other", model_config_file=config)
+    for flag in ("--model_config_file", "--model-config-file"):
+        args = cli.build_parser().parse_args(["serve", flag, str(config)])
+        assert args.model_config_file == str(config)
+    args = cli.build_parser().parse_args(["export", "--batching-parameters-file", "b.txt"])
+    assert args.batching_parameters_file == "b.txt"
+
+
+def test_export_keeps_a_models_config_policy(four_versions, tmp_path):
+    from charrnn_keras.export import write_models_config
+    from charrnn_keras.serving.policy import read_model_config
+
+    config = write_config(four_versions / names.MODELS_CONFIG, four_versions,
+                          "latest { num_versions: 2 }", {"stable": 2})  # fmt: skip
+    write_models_config(four_versions)  # as the next export does
+    policy = read_model_config(config, "charrnn")
+    assert (policy.kind, policy.num_versions, policy.labels) == ("latest", 2, {"stable": 2})
