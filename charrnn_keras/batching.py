@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 from charrnn_keras import atomic
@@ -166,9 +167,11 @@ def read_parameters(path):
     except (text_format.ParseError, UnicodeDecodeError) as e:
         message = " ".join(str(e).split())
         raise ServingError(f"{path} is not a BatchingParameters text proto: {message}") from None
-    # TF Serving's defaults (batching_session.h / shared_batch_scheduler.h).
+    # TF Serving's defaults: SharedBatchScheduler's QueueOptions and Options (threads: the
+    # machine's parallelism).
     for name, value in [("max_batch_size", 1000), ("batch_timeout_micros", 0),
-                        ("max_enqueued_batches", 10), ("num_batch_threads", 1)]:  # fmt: skip
+                        ("max_enqueued_batches", 10),
+                        ("num_batch_threads", os.cpu_count() or 1)]:  # fmt: skip
         if not params.HasField(name):
             getattr(params, name).value = value
     return check(params, str(path))
