@@ -203,6 +203,11 @@ def batched(fn, params, specs):
     import tensorflow as tf
 
     most = params.max_batch_size.value
+    log.info(
+        "generate batched in the graph: up to %d rows, %d us wait, %d threads, sizes %s",
+        most, params.batch_timeout_micros.value, params.num_batch_threads.value,
+        list(params.allowed_batch_sizes) or "any",
+    )  # fmt: skip
 
     def through_batch(*args):
         computation = tf.function(fn, autograph=False).get_concrete_function(*specs)
