@@ -16,6 +16,7 @@ MONITORING_CONFIG ?=
 PRIME      ?=
 NUM_CHARS  ?= 500
 SEED       ?= 0
+BATCHING   ?= 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sample export serve test lint bench
@@ -48,16 +49,21 @@ export: $(STAMP)  ## export a run (RUN_DIR, default the newest of CONFIG) as a n
 		--model-name $(MODEL_NAME) $(ARGS)
 
 # REST_PORT 8501 is the TF Serving image's; MONITORING_CONFIG, a MonitoringConfig text proto,
-# serves Prometheus metrics on it.
+# serves Prometheus metrics on it. TF Serving's request batching uses
+# export/batching_parameters.txt (written by charrnn export); BATCHING=0 turns it off, e.g. for
+# an export batched in its graph (--batching_parameters_file).
 MONITORING_FLAG = $(if $(MONITORING_CONFIG),--monitoring_config_file=$(abspath $(MONITORING_CONFIG)))
 
 serve: $(STAMP)  ## serve export/ on PORT (gRPC) and REST_PORT: tensorflow_model_server if installed, else ours
 	@if command -v tensorflow_model_server >/dev/null; then \
 		tensorflow_model_server --port=$(PORT) --rest_api_port=$(REST_PORT) $(MONITORING_FLAG) \
-			--model_config_file=$(abspath $(EXPORT_DIR))/models.config; \
+			--model_config_file=$(abspath $(EXPORT_DIR))/models.config \
+			$(if $(filter 1,$(BATCHING)),--enable_batching \
+			--batching_parameters_file=$(abspath $(EXPORT_DIR))/batching_parameters.txt); \
 	else \
 		$(BIN)/charrnn serve --export-dir $(EXPORT_DIR) --model-name $(MODEL_NAME) --port $(PORT) \
-			--rest_api_port $(REST_PORT) $(MONITORING_FLAG); \
+			--rest_api_port $(REST_PORT) $(MONITORING_FLAG) \
+			$(if $(wildcard $(EXPORT_DIR)/models.config),--model_config_file $(EXPORT_DIR)/models.config); \
 	fi
 
 test: $(STAMP)  ## run the test suite

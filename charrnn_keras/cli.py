@@ -126,6 +126,7 @@ def cmd_export(args) -> int:
         version=args.version,
         checkpoint=args.checkpoint,
         max_chars=args.max_chars,
+        batching_parameters_file=args.batching_parameters_file,
     )
     print(f"exported SavedModel: {path}")
     return 0
@@ -141,6 +142,7 @@ def cmd_serve(args) -> int:
         port=args.port,
         rest_api_port=args.rest_api_port or None,  # 0 is off, as in tensorflow_model_server
         monitoring_config_file=args.monitoring_config_file,
+        model_config_file=args.model_config_file,
     )
     return 0
 
@@ -338,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_CHARS,
         help="cap on num_chars per request",
     )
+    p.add_argument(
+        "--batching_parameters_file",
+        "--batching-parameters-file",
+        help="TF Serving BatchingParameters text file: run generate in TensorFlow's "
+        "BatchFunction op, which merges concurrent requests in any server",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")
@@ -357,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--monitoring_config_file",
         help="TF Serving MonitoringConfig text proto; 'prometheus_config { enable: true }' "
         "serves /monitoring/prometheus/metrics on the REST port",
+    )
+    p.add_argument(
+        "--model_config_file",
+        "--model-config-file",
+        help="TF Serving ModelServerConfig text file (e.g. export/models.config): the model's "
+        "base_path, model_version_policy and version_labels",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -23,11 +23,24 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn_keras import atomic, generation
+from charrnn_keras import batching as batching_lib
 from charrnn_keras.errors import ServingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES
 from charrnn_keras.serving import names
 
 log = logging.getLogger(__name__)
+
+
+# generate's inputs: every one has the batch first.
+_ROW_SPECS = [
+    tf.TensorSpec([None], tf.string, names.PRIME),
+    tf.TensorSpec([None], tf.int32, names.NUM_CHARS),
+    tf.TensorSpec([None], tf.float32, names.TEMPERATURE),
+    tf.TensorSpec([None], tf.int32, names.TOP_K),
+    tf.TensorSpec([None], tf.float32, names.TOP_P),
+    tf.TensorSpec([None, 2], tf.int64, names.SEED),
+    tf.TensorSpec([None], tf.string, names.STRATEGY),
+]
 
 
 class ExportModule:
@@ -43,6 +56,8 @@ class ExportModule:
             summed over its rows (prime bytes, at least 1, + num_chars per row): its work.
         max_rows: the most primes one ``generate`` request may hold: its memory, since each
             row carries its own recurrent state and gate activations.
+        batching: BatchingParameters: run the generation in TensorFlow's BatchFunction op,
+            which merges concurrent requests (``batching.batched``); None runs each alone.
     """
 
     def __init__(
@@ -53,6 +68,7 @@ class ExportModule:
         max_chars: int = names.DEFAULT_MAX_CHARS,
         max_batch_chars: int = names.DEFAULT_MAX_BATCH_CHARS,
         max_rows: int = names.DEFAULT_MAX_ROWS,
+        batching=None,
     ):
         self.gen = generation.Generator(model, vocab)
         self.cfg, self.vocab = cfg, vocab
@@ -60,6 +76,9 @@ class ExportModule:
         self.state_names = [name for name, _ in self.gen.layout]
         self.bounds = {"max_chars": int(max_chars), "vocab_size": len(vocab)}
         self.max_batch_chars, self.max_rows = int(max_batch_chars), int(max_rows)
+        self.batching, self._rows = batching, self._generate_rows
+        if batching is not None:  # each request is checked alone, before it joins a batch
+            self._rows = batching_lib.batched(self._generate_rows, batching, _ROW_SPECS)
 
     def generate(self, prime, num_chars, temperature, top_k, top_p, seed, strategy):
         """Generates text after each prime, in one graph call; every input has one row per
@@ -116,9 +135,20 @@ class ExportModule:
         ]  # fmt: skip
         with tf.control_dependencies(checks):
             prime, num_chars = tf.identity(prime), tf.identity(num_chars)
+        out = self._rows(prime, num_chars, temperature, top_k, top_p, seed, strategy)
+        if self.batching is None:
+            return {names.TEXT: out[0]}
+        return {names.TEXT: out[0], names.BATCH_SIZE: out[1]}
+
+    def _generate_rows(self, prime, num_chars, temperature, top_k, top_p, seed, strategy):
+        """The generation itself, on rows already checked: [text] alone, [text, batch size]
+        in the BatchFunction (the rows it ran with, padding included: the op's own evidence
+        that requests were merged)."""
         draw = generation.Draw(temperature, top_k, top_p, seed, words=strategy == "words")
         text = generation.generate_graph(self.gen, self.table, prime, num_chars, draw)
-        return {names.TEXT: text}
+        if self.batching is None:
+            return [text]
+        return [text, tf.fill(tf.shape(prime), tf.size(prime))]
 
     def step(self, inputs):
         """One character with explicit state: {char_ids, <state>...} -> {logits, <state>...}."""
@@ -154,19 +184,7 @@ class ExportModule:
         spec = tf.TensorSpec
         archive = keras.export.ExportArchive()
         archive.track(self.table)  # a lookup table is tracked by hand, as Keras documents
-        archive.add_endpoint(
-            names.GENERATE,
-            self.generate,
-            input_signature=[
-                spec([None], tf.string, names.PRIME),
-                spec([None], tf.int32, names.NUM_CHARS),
-                spec([None], tf.float32, names.TEMPERATURE),
-                spec([None], tf.int32, names.TOP_K),
-                spec([None], tf.float32, names.TOP_P),
-                spec([None, 2], tf.int64, names.SEED),
-                spec([None], tf.string, names.STRATEGY),
-            ],
-        )
+        archive.add_endpoint(names.GENERATE, self.generate, input_signature=_ROW_SPECS)
         step_spec = {names.CHAR_IDS: spec([None, 1], tf.int32, names.CHAR_IDS)}
         for name, size in self.gen.layout:
             step_spec[name] = spec([None, size], tf.float32, name)
@@ -182,6 +200,7 @@ def export_run(
     version: int | None = None,
     checkpoint=None,
     max_chars: int = names.DEFAULT_MAX_CHARS,
+    batching_parameters_file=None,
 ) -> Path:
     """Writes ``export_dir/model_name/version/`` atomically and refreshes ``models.config``.
 
@@ -198,6 +217,8 @@ def export_run(
         checkpoint: a weights file (default: the best, else the latest checkpoint).
         max_chars: the largest ``num_chars`` a ``generate`` request may ask for, and its
             longest prime in characters, 0 to 2**31-1 (the signature's int32).
+        batching_parameters_file: a BatchingParameters text proto: ``generate`` then runs in
+            TensorFlow's BatchFunction op with them, merging concurrent requests in any server.
 
     Returns:
         The path of the new version directory.
@@ -217,8 +238,11 @@ def export_run(
     final = model_dir / str(version)
     if final.exists():
         raise ServingError(f"{final} already exists; versions are never overwritten")
+    params = None
+    if batching_parameters_file is not None:
+        params = batching_lib.read_parameters(batching_parameters_file)
     model, cfg, vocab = generation.load_sampling_model(run_dir, checkpoint)
-    archive = ExportModule(model, cfg, vocab, max_chars).archive()
+    archive = ExportModule(model, cfg, vocab, max_chars, batching=params).archive()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only or full export_dir; e.filename is the folder refused
@@ -239,6 +263,9 @@ def export_run(
             raise
         raise error from None
     write_models_config(export_dir)
+    parameters = Path(export_dir) / batching_lib.BATCHING_PARAMETERS
+    if not parameters.exists():  # a file the user tuned stays as it is
+        batching_lib.write_parameters(parameters)
     log.info("exported %s", final)
     return final
 
@@ -265,6 +292,8 @@ def write_models_config(export_dir, base_path: str | None = None) -> Path:
 
     The file is a ``ModelServerConfig`` text proto built with TF Serving's own message and
     ``text_format``, so any path (quotes, backslashes, non-ASCII) is escaped as TF Serving reads it.
+    A model already listed keeps its ``model_version_policy`` and ``version_labels``, so a
+    policy written by hand survives the next export.
 
     Args:
         export_dir: TF Serving's base directory.
@@ -281,12 +310,23 @@ def write_models_config(export_dir, base_path: str | None = None) -> Path:
     export_dir = Path(export_dir)
     base_path = str(export_dir.resolve()) if base_path is None else base_path
     models = sorted(p.name for p in export_dir.iterdir() if p.is_dir() and names.list_versions(p))
+    path = export_dir / names.MODELS_CONFIG
+    before = {}
+    try:
+        old = text_format.Parse(
+            path.read_text("utf-8"), model_server_config_pb2.ModelServerConfig()
+        )
+        before = {c.name: c for c in old.model_config_list.config}
+    except (OSError, UnicodeDecodeError, text_format.ParseError):
+        pass  # none yet, or unreadable: written anew
     config = model_server_config_pb2.ModelServerConfig()
     for name in models:
-        config.model_config_list.config.add(
+        model = config.model_config_list.config.add(
             name=name, base_path=f"{base_path.rstrip('/')}/{name}", model_platform="tensorflow"
         )
-    path = export_dir / names.MODELS_CONFIG
+        if name in before:
+            model.model_version_policy.CopyFrom(before[name].model_version_policy)
+            model.version_labels.update(before[name].version_labels)
     atomic.write_text(path, text_format.MessageToString(config, as_utf8=True))
     return path
 

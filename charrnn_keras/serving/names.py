@@ -33,6 +33,9 @@ SEED = "seed"
 STRATEGY = "strategy"
 # generate: output.
 TEXT = "text"
+# generate: output of exports batched in the graph (--batching_parameters_file): the rows of the
+# batch each row ran in, padding included; > 1 shows that TensorFlow merged requests.
+BATCH_SIZE = "batch_size"
 
 # step: inputs char_ids plus one input per state tensor (named as generation.state_layout gives,
 # e.g. lstm_1_h, lstm_1_c); outputs logits plus the new states under the same names, so that a

@@ -88,6 +88,10 @@ class LoadedVersion:
         self._users, self._retired = 0, False
         self.lane, self.max_chars = None, _max_chars(self.session, self.signatures)
         generate = self.signatures.get(names.GENERATE)
+        # Batched in the graph (charrnn export --batching_parameters_file): TensorFlow runs a
+        # batch under one of its requests' Session runs, so cancelling that run would fail its
+        # batch-mates; such runs get no timeout, and an expired client just stops waiting.
+        self.batched = generate is not None and names.BATCH_SIZE in generate.outputs
         if heavy_slots > 0 and generate is not None and names.NUM_CHARS in generate.inputs:
             try:
                 self.lane = HeavyLane(self._lane_session, heavy_slots, heavy_queue, self.outcomes)
@@ -180,6 +184,9 @@ class LoadedVersion:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "duplicate output tensor alias")
         options, deadline = None, None
         if timeout is not None and timeout < _NO_DEADLINE_S:
+            if self.batched and timeout <= 0:  # expired while it waited: not worth a batch row
+                self.outcomes.add("deadline")
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             options = tf.compat.v1.RunOptions(timeout_in_ms=max(1, math.ceil(timeout * 1000)))
             deadline = time.monotonic() + timeout
         call = call or Call()
@@ -193,7 +200,8 @@ class LoadedVersion:
                     grpc.StatusCode.CANCELLED, "the client left before the request started"
                 )
             else:
-                out = self.session.run(fetches, feed, options=options)
+                # A lane Session runs one request at a time, so its timeout fails no one else.
+                out = self.session.run(fetches, feed, options=None if self.batched else options)
         except tf.errors.OpError as e:
             code = _CODES.get(e.error_code, grpc.StatusCode.UNKNOWN)
             self.outcomes.add("deadline" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "failed")

@@ -2,8 +2,9 @@
 
 It implements ``tensorflow.serving.PredictionService`` (Predict, GetModelMetadata; Classify,
 Regress and MultiInference answer UNIMPLEMENTED) and ``ModelService.GetModelStatus`` for one
-model, with TF Serving's behaviour: the highest version under ``export/<model>/`` is served and
-a newly exported one is picked up without a restart (polled, like TF Serving's file system
+model, with TF Serving's behaviour: the highest version under ``export/<model>/`` is served (or
+those ``--model_config_file``'s model_version_policy names) and a newly exported one is picked
+up without a restart (polled, like TF Serving's file system
 source) and versions are managed as TF Serving manages them (``versions``). Versions run in
 graph-mode Sessions (``servable``); Sessions are thread-safe and the SavedModel keeps no state,
 so requests run concurrently, long generations in a lane of their own (``lanes``) that stops
@@ -25,6 +26,7 @@ from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
 from charrnn_keras.serving.lanes import Call, RequestError
 from charrnn_keras.serving.metrics import Metrics, prometheus_path
+from charrnn_keras.serving.policy import read_model_config
 from charrnn_keras.serving.servable import typed_tensor_proto
 from charrnn_keras.serving.versions import LOAD_RETRY_SECONDS, MAX_LOAD_RETRIES, ModelManager
 
@@ -180,6 +182,7 @@ def start_server(
     load_retry_seconds: float = LOAD_RETRY_SECONDS,
     rest_api_port: int | None = None,
     monitoring_config_file=None,
+    model_config_file=None,
 ) -> RunningServer:
     """Loads the highest version of a model and starts serving it (returns at once).
 
@@ -198,6 +201,9 @@ def start_server(
             0, which here picks a free port, as ``port`` 0 does).
         monitoring_config_file: a MonitoringConfig text proto that enables the Prometheus page
             on the REST port (TF Serving's ``--monitoring_config_file``).
+        model_config_file: a ModelServerConfig text proto, TF Serving's ``--model_config_file``
+            (e.g. ``export/models.config``): the model's base_path, model_version_policy and
+            version_labels (``policy``); default: the highest version under export_dir.
 
     Returns:
         The RunningServer.
@@ -205,10 +211,11 @@ def start_server(
     metrics_path = prometheus_path(monitoring_config_file)
     if metrics_path is not None and rest_api_port is None:
         raise ServingError("the Prometheus metrics are served on the REST port: set a REST port")
+    config = None if model_config_file is None else read_model_config(model_config_file, model_name)
     manager = ModelManager(
         export_dir, model_name, max_load_retries=max_load_retries,
         load_retry_seconds=load_retry_seconds, heavy_slots=heavy_slots,
-        heavy_queue=max(1, max_workers // 2 - heavy_slots),
+        heavy_queue=max(1, max_workers // 2 - heavy_slots), policy=config,
     )  # fmt: skip
     # Without SO_REUSEPORT a second server on a taken port fails instead of sharing it silently.
     server = grpc.server(
@@ -246,11 +253,13 @@ def start_server(
 
 
 def serve(export_dir="export", model_name: str = "charrnn", host="127.0.0.1", port=8500,
-          rest_api_port: int | None = None, monitoring_config_file=None) -> None:  # fmt: skip
+          rest_api_port: int | None = None, monitoring_config_file=None,
+          model_config_file=None) -> None:  # fmt: skip
     """Serves until interrupted; see ``start_server`` for the arguments."""
     running = start_server(export_dir, model_name, host=host, port=port,
                            rest_api_port=rest_api_port,
-                           monitoring_config_file=monitoring_config_file)  # fmt: skip
+                           monitoring_config_file=monitoring_config_file,
+                           model_config_file=model_config_file)  # fmt: skip
     try:
         running.wait()
     finally:

@@ -1,16 +1,19 @@
-"""Which version of a model is served, managed as TF Serving's manager manages it.
+"""Which versions of a model are served, managed as TF Serving's manager manages them.
 
-TF Serving's file system source aspires the highest version folder (the default ``latest``
-policy, one version); its manager loads it, retries a failed load (``--max_num_load_retries``
-5, every ``--load_retry_interval_micros`` 1 minute) and unloads a version whose folder is gone,
-serving the highest left, or nothing. GetModelStatus reports each version's state and, for a
+TF Serving's file system source aspires the versions its ``model_version_policy`` names
+(``policy.ModelPolicy``; by default ``latest``, one version: the highest folder); its manager
+loads them, retries a failed load (``--max_num_load_retries`` 5, every
+``--load_retry_interval_micros`` 1 minute) and unloads a version whose folder is gone, serving
+the highest left, or nothing. GetModelStatus reports each version's state and, for a
 failed load, the error in ``status.error_code`` / ``status.error_message``. Here, as there:
 
 - a version folder that is deleted is unloaded; the highest remaining one is loaded, if any;
 - a failed load is retried up to ``max_load_retries`` times, every ``load_retry_seconds``,
   and at once when the folder's files change (a copy that was still being written), then the
   version is END with its error;
-- while a newer version fails, the one already served stays served.
+- while a newer version fails, the one already served stays served;
+- several versions may be served at once (``all``, ``specific``, ``latest {num_versions: 2}``);
+  a request without a version gets the highest, one with ``version_label`` the labelled one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
 from charrnn_keras.serving.lanes import Outcomes, RequestError
+from charrnn_keras.serving.policy import ModelPolicy, check_labels
 from charrnn_keras.serving.servable import LoadedVersion
 
 log = logging.getLogger(__name__)
@@ -79,7 +83,7 @@ def _load_error(e: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class ModelManager:
-    """Serves the highest loadable version of one model, following its folder as it changes.
+    """Serves the versions of one model its policy wants, following its folder as it changes.
 
     Args:
         export_dir: TF Serving's base directory.
@@ -89,14 +93,17 @@ class ModelManager:
         heavy_slots: long generations run at once per version (see ``LoadedVersion``).
         heavy_queue: long generations that may wait for a slot.
         clock: the monotonic clock retries are timed with.
+        policy: which versions to serve and their labels (default: the highest version).
     """
 
     def __init__(self, export_dir, model_name: str, max_load_retries: int = MAX_LOAD_RETRIES,
                  load_retry_seconds: float = LOAD_RETRY_SECONDS, heavy_slots: int = 1,
-                 heavy_queue: int = 8, clock=time.monotonic):  # fmt: skip
+                 heavy_queue: int = 8, clock=time.monotonic,
+                 policy: ModelPolicy | None = None):  # fmt: skip
         self.model_name = names.check_model_name(model_name)
-        self.model_dir = Path(export_dir) / model_name
-        if not Path(export_dir).is_dir():
+        self.policy = policy or ModelPolicy()
+        self.model_dir = self.policy.base_path or Path(export_dir) / model_name
+        if self.policy.base_path is None and not Path(export_dir).is_dir():
             raise ServingError(f"export directory {export_dir} does not exist; run charrnn export")
         if not names.list_versions(self.model_dir):
             raise ServingError(
@@ -108,33 +115,51 @@ class ModelManager:
         self._clock = clock
         self.outcomes = Outcomes()
         self._lock, self._refresh_lock = threading.Lock(), threading.Lock()
-        self._current: LoadedVersion | None = None
+        self._served: dict[int, LoadedVersion] = {}
         self._records: dict[int, _Record] = {}
         self.refresh()
+        try:
+            check_labels(self.policy, model_name, set(self.served))
+        except ServingError:
+            self.close()
+            raise
 
     @property
     def current(self) -> LoadedVersion | None:
-        """The version served now, if any."""
-        return self._current
+        """The highest version served now, if any (what a request without a version gets)."""
+        with self._lock:
+            return self._served[max(self._served)] if self._served else None
+
+    @property
+    def served(self) -> list[int]:
+        """The versions served now, lowest first."""
+        with self._lock:
+            return sorted(self._served)
 
     def refresh(self) -> None:
-        """Serves the highest version that loads; unloads a served version whose folder is gone."""
+        """Loads the versions the policy wants; unloads the others, and those whose folder is
+        gone. Under ``latest``, a version that fails to load leaves the next lower one served."""
         with self._refresh_lock:
             on_disk = names.list_versions(self.model_dir)
             with self._lock:
                 for version, record in self._records.items():
                     if version not in on_disk and record.state == _STATE.LOADING:
                         record.state = _STATE.END  # deleted while its load was being retried
-            current = self._current
-            for version in reversed(on_disk):
-                if current is not None and version == current.version:
-                    return  # nothing above it loads (yet)
-                if self._try_load(version):
-                    return
-            if current is not None:  # its folder is gone, and no other version loads
-                log.warning("%s version %d was deleted; nothing left to serve",
-                            self.model_name, current.version)  # fmt: skip
-                self._swap(None)
+            keep, limit = set(), self.policy.limit
+            for version in self.policy.wanted(on_disk):
+                if limit is not None and len(keep) >= limit:
+                    break
+                if version in self._served or self._try_load(version):
+                    keep.add(version)
+            with self._lock:
+                gone = [self._served.pop(v) for v in sorted(self._served) if v not in keep]
+                for old in gone:
+                    self._records[old.version].state = _STATE.END
+            for old in gone:
+                if old.version not in on_disk:
+                    log.warning("%s version %d was deleted", self.model_name, old.version)
+                log.info("unloading %s version %d", self.model_name, old.version)
+                old.retire()
 
     def _try_load(self, version: int) -> bool:
         record = self._records.get(version)
@@ -166,44 +191,36 @@ class ModelManager:
             return False
         with self._lock:
             record.error, record.attempts = None, 0
-        self._swap(loaded)
+            record.state = _STATE.AVAILABLE
+            self._served[version] = loaded
         log.info("serving %s version %d from %s", self.model_name, version, loaded.path)
         return True
-
-    def _swap(self, loaded: LoadedVersion | None) -> None:
-        with self._lock:
-            old, self._current = self._current, loaded
-            if loaded is not None:
-                self._records[loaded.version].state = _STATE.AVAILABLE
-            if old is not None:
-                self._records[old.version].state = _STATE.END
-        if old is not None:
-            old.retire()
 
     @contextlib.contextmanager
     def acquire(self, model_spec):
         """Yields the LoadedVersion a ModelSpec asks for, in use until the block ends.
 
         Args:
-            model_spec: the request's ModelSpec (name, optional version).
+            model_spec: the request's ModelSpec (name; a version, a version_label, or neither
+                for the highest version served).
 
-        Raises RequestError NOT_FOUND, with TF Serving's message, when no such version is
-        served.
+        Raises RequestError with TF Serving's code and message: INVALID_ARGUMENT for a label
+        the config does not define, NOT_FOUND when no such version is served.
         """
-        if model_spec.version_label:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"Unrecognized servable version label: {model_spec.version_label}",
-            )
+        specific, version = model_spec.HasField("version"), model_spec.version.value
+        if model_spec.version_label:  # TF Serving's label map is per model name
+            labels = self.policy.labels if model_spec.name == self.model_name else {}
+            if model_spec.version_label not in labels:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Unrecognized servable version label: {model_spec.version_label}",
+                )
+            specific, version = True, self.policy.labels[model_spec.version_label]
         with self._lock:
-            current = self._current
-            specific = model_spec.HasField("version")
-            if (
-                model_spec.name != self.model_name
-                or current is None
-                or (specific and model_spec.version.value != current.version)
-            ):
-                what = f"Specific({model_spec.name}, {model_spec.version.value})" if specific \
+            current = self._served.get(version) if specific else (
+                self._served[max(self._served)] if self._served else None)  # fmt: skip
+            if model_spec.name != self.model_name or current is None:
+                what = f"Specific({model_spec.name}, {version})" if specific \
                     else f"Latest({model_spec.name})"  # fmt: skip
                 raise RequestError(
                     grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}"
@@ -253,6 +270,6 @@ class ModelManager:
 
     def close(self) -> None:
         with self._lock:
-            current, self._current = self._current, None
-        if current is not None:
-            current.retire()
+            served, self._served = list(self._served.values()), {}
+        for loaded in served:
+            loaded.retire()
