@@ -26,7 +26,7 @@ from charrnn_keras import atomic, generation
 from charrnn_keras import batching as batching_lib
 from charrnn_keras.errors import ServingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES
-from charrnn_keras.serving import names
+from charrnn_keras.serving import names, policy, warmup
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def export_run(
         # The temporary name is not all digits, so TF Serving never takes a half-written export.
         with atomic.replacing(final, folder=True) as tmp:
             archive.write_out(str(tmp), verbose=False)
-            write_warmup(tmp, model_name)
+            warmup.write(tmp, model_name)
     except OSError:  # rename() refuses a non-empty target, so a racing export's version stays
         raise ServingError(
             f"{final} appeared while exporting; versions are never overwritten"
@@ -262,7 +262,7 @@ def export_run(
         if error is None:  # not the file system's refusal: a bug, keep its traceback
             raise
         raise error from None
-    write_models_config(export_dir)
+    policy.write_models_config(export_dir)
     parameters = Path(export_dir) / batching_lib.BATCHING_PARAMETERS
     if not parameters.exists():  # a file the user tuned stays as it is
         batching_lib.write_parameters(parameters)
@@ -285,96 +285,3 @@ def _storage_error(e: tf.errors.OpError, path: Path) -> StorageError | None:
     if code is None:
         return None
     return atomic.storage_error(OSError(code, os.strerror(code), str(path)), path)
-
-
-def write_models_config(export_dir, base_path: str | None = None) -> Path:
-    """Writes ``export_dir/models.config`` listing every model folder, in TF Serving's format.
-
-    The file is a ``ModelServerConfig`` text proto built with TF Serving's own message and
-    ``text_format``, so any path (quotes, backslashes, non-ASCII) is escaped as TF Serving reads it.
-    A model already listed keeps its ``model_version_policy`` and ``version_labels``, so a
-    policy written by hand survives the next export.
-
-    Args:
-        export_dir: TF Serving's base directory.
-        base_path: where the server sees ``export_dir``; default its absolute path here, so
-            ``tensorflow_model_server --model_config_file=...`` works as written, and Docker
-            does with ``export_dir`` mounted at the same path (see export/README.md).
-
-    Returns:
-        The path of the written file.
-    """
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    export_dir = Path(export_dir)
-    base_path = str(export_dir.resolve()) if base_path is None else base_path
-    models = sorted(p.name for p in export_dir.iterdir() if p.is_dir() and names.list_versions(p))
-    path = export_dir / names.MODELS_CONFIG
-    before = {}
-    try:
-        old = text_format.Parse(
-            path.read_text("utf-8"), model_server_config_pb2.ModelServerConfig()
-        )
-        before = {c.name: c for c in old.model_config_list.config}
-    except (OSError, UnicodeDecodeError, text_format.ParseError):
-        pass  # none yet, or unreadable: written anew
-    config = model_server_config_pb2.ModelServerConfig()
-    for name in models:
-        model = config.model_config_list.config.add(
-            name=name, base_path=f"{base_path.rstrip('/')}/{name}", model_platform="tensorflow"
-        )
-        if name in before:
-            model.model_version_policy.CopyFrom(before[name].model_version_policy)
-            model.version_labels.update(before[name].version_labels)
-    atomic.write_text(path, text_format.MessageToString(config, as_utf8=True))
-    return path
-
-
-def warmup_requests(model_name: str) -> list:
-    """The requests a server runs once before it reports a new version AVAILABLE.
-
-    The first run of a Session prunes and optimises its graph, far slower than a request; TF
-    Serving replays these (``assets.extra/tf_serving_warmup_requests``) so that no client pays
-    for it. ``generate`` and ``serving_default`` once each, with rows that take every branch
-    (both strategies, top-k and top-p on and off).
-
-    Returns:
-        ``PredictionLog`` messages.
-    """
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-
-    rows = {
-        names.PRIME: np.array([b"", b"a"], object),
-        names.NUM_CHARS: np.array([2, 1], np.int32),
-        names.TEMPERATURE: np.array([1.0, 0.5], np.float32),
-        names.TOP_K: np.array([0, 1], np.int32),
-        names.TOP_P: np.array([1.0, 0.5], np.float32),
-        names.SEED: np.array([[0, 0], [1, 0]], np.int64),
-        names.STRATEGY: np.array([b"sample", b"words"], object),
-    }
-    logs = []
-    for signature, inputs in [(names.GENERATE, rows), (names.SERVING_DEFAULT, rows)]:
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model_name
-        request.model_spec.signature_name = signature
-        for key, value in inputs.items():
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-        logs.append(prediction_log_pb2.PredictionLog(
-            predict_log=prediction_log_pb2.PredictLog(request=request)))  # fmt: skip
-    return logs
-
-
-def write_warmup(saved_model_dir, model_name: str) -> Path:
-    """Writes TF Serving's warm-up file into a SavedModel folder.
-
-    Returns:
-        The path of the TFRecord file.
-    """
-    folder = Path(saved_model_dir) / names.WARMUP_DIR
-    folder.mkdir(exist_ok=True)
-    path = folder / names.WARMUP_FILE
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for log in warmup_requests(model_name):
-            writer.write(log.SerializeToString())
-    return path

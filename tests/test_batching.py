@@ -347,8 +347,7 @@ def test_a_label_on_a_version_not_served_is_refused(four_versions, tmp_path):
 
 
 def test_export_keeps_a_models_config_policy(four_versions, tmp_path):
-    from charrnn_keras.export import write_models_config
-    from charrnn_keras.serving.policy import read_model_config
+    from charrnn_keras.serving.policy import read_model_config, write_models_config
 
     config = write_config(four_versions / names.MODELS_CONFIG, four_versions,
                           "latest { num_versions: 2 }", {"stable": 2})  # fmt: skip

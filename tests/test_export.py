@@ -451,7 +451,7 @@ def test_models_config_is_a_text_proto_tf_serving_parses(tiny_run, tmp_path):
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
-    from charrnn_keras.export import write_models_config
+    from charrnn_keras.serving.policy import write_models_config
 
     export_dir = tmp_path / "export"
     for name in ("charrnn", "b.model"):

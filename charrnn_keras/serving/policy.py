@@ -1,4 +1,7 @@
-"""Which versions to serve, as TF Serving's ``--model_config_file`` says.
+"""``models.config``: which versions to serve, as TF Serving's ``--model_config_file`` says.
+
+``write_models_config`` writes it after every export; ``read_model_config`` reads it for
+``charrnn serve --model_config_file``.
 
 A ``ModelServerConfig`` text proto (``export/models.config``, read with TF Serving's own message)
 gives each model a ``base_path``, a ``model_version_policy`` and ``version_labels``:
@@ -17,7 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from charrnn_keras import atomic
 from charrnn_keras.errors import ServingError
+from charrnn_keras.serving import names
 
 
 @dataclass
@@ -69,9 +77,6 @@ def read_model_config(path, model_name: str) -> ModelPolicy:
     Returns:
         The ModelPolicy.
     """
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
     try:
         text = Path(path).read_text(encoding="utf-8")
         config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
@@ -117,3 +122,44 @@ def check_labels(policy: ModelPolicy, model_name: str, available: set[int]) -> N
                 f"Request to assign label to version {version} of model {model_name}, which "
                 f"is not currently available for inference (label {label!r})"
             )
+
+
+def write_models_config(export_dir, base_path: str | None = None) -> Path:
+    """Writes ``export_dir/models.config`` listing every model folder, in TF Serving's format.
+
+    The file is a ``ModelServerConfig`` text proto built with TF Serving's own message and
+    ``text_format``, so any path (quotes, backslashes, non-ASCII) is escaped as TF Serving reads it.
+    A model already listed keeps its ``model_version_policy`` and ``version_labels``, so a
+    policy written by hand survives the next export.
+
+    Args:
+        export_dir: TF Serving's base directory.
+        base_path: where the server sees ``export_dir``; default its absolute path here, so
+            ``tensorflow_model_server --model_config_file=...`` works as written, and Docker
+            does with ``export_dir`` mounted at the same path (see export/README.md).
+
+    Returns:
+        The path of the written file.
+    """
+    export_dir = Path(export_dir)
+    base_path = str(export_dir.resolve()) if base_path is None else base_path
+    models = sorted(p.name for p in export_dir.iterdir() if p.is_dir() and names.list_versions(p))
+    path = export_dir / names.MODELS_CONFIG
+    before = {}
+    try:
+        old = text_format.Parse(
+            path.read_text("utf-8"), model_server_config_pb2.ModelServerConfig()
+        )
+        before = {c.name: c for c in old.model_config_list.config}
+    except (OSError, UnicodeDecodeError, text_format.ParseError):
+        pass  # none yet, or unreadable: written anew
+    config = model_server_config_pb2.ModelServerConfig()
+    for name in models:
+        model = config.model_config_list.config.add(
+            name=name, base_path=f"{base_path.rstrip('/')}/{name}", model_platform="tensorflow"
+        )
+        if name in before:
+            model.model_version_policy.CopyFrom(before[name].model_version_policy)
+            model.version_labels.update(before[name].version_labels)
+    atomic.write_text(path, text_format.MessageToString(config, as_utf8=True))
+    return path

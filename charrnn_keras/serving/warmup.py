@@ -1,0 +1,63 @@
+"""TF Serving's warm-up file: requests a server replays before it reports a version AVAILABLE.
+
+``export_run`` writes it into every SavedModel (``assets.extra/tf_serving_warmup_requests``,
+``PredictionLog`` records in a TFRecord file); TF Serving and ``charrnn serve``
+(``servable.LoadedVersion.warm_up``) replay it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+from charrnn_keras.serving import names
+
+
+def requests(model_name: str) -> list:
+    """The requests a server runs once before it reports a new version AVAILABLE.
+
+    The first run of a Session prunes and optimises its graph, far slower than a request; TF
+    Serving replays these (``assets.extra/tf_serving_warmup_requests``) so that no client pays
+    for it. ``generate`` and ``serving_default`` once each, with rows that take every branch
+    (both strategies, top-k and top-p on and off).
+
+    Returns:
+        ``PredictionLog`` messages.
+    """
+    rows = {
+        names.PRIME: np.array([b"", b"a"], object),
+        names.NUM_CHARS: np.array([2, 1], np.int32),
+        names.TEMPERATURE: np.array([1.0, 0.5], np.float32),
+        names.TOP_K: np.array([0, 1], np.int32),
+        names.TOP_P: np.array([1.0, 0.5], np.float32),
+        names.SEED: np.array([[0, 0], [1, 0]], np.int64),
+        names.STRATEGY: np.array([b"sample", b"words"], object),
+    }
+    logs = []
+    for signature, inputs in [(names.GENERATE, rows), (names.SERVING_DEFAULT, rows)]:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = signature
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        logs.append(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)))  # fmt: skip
+    return logs
+
+
+def write(saved_model_dir, model_name: str) -> Path:
+    """Writes TF Serving's warm-up file into a SavedModel folder.
+
+    Returns:
+        The path of the TFRecord file.
+    """
+    folder = Path(saved_model_dir) / names.WARMUP_DIR
+    folder.mkdir(exist_ok=True)
+    path = folder / names.WARMUP_FILE
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for log in requests(model_name):
+            writer.write(log.SerializeToString())
+    return path
