@@ -49,8 +49,8 @@ class ModelConfig:
         num_layers: number of stacked recurrent layers.
         dropout: dropout rate after each recurrent layer during training (0 = none).
         fast_lstm: train LSTM layers with ``fast_lstm.FastLSTM``: the same layer, weights and
-            results as ``keras.layers.LSTM``, with a training loop that is never slower and up
-            to 1.15x faster (BENCHMARKS.md, 1); GRU and SimpleRNN layers are not affected.
+            results as ``keras.layers.LSTM``, with a training loop that is not slower (level on
+            2 x 128, 1.05x on 2 x 512; BENCHMARKS.md, 1); GRU and SimpleRNN layers are not affected.
         matmul_dtype: ``float32``; ``bfloat16`` for training matmuls in bf16 (needs
             ``fast_lstm``; pays only on CPUs that multiply bf16 natively); or ``auto``: bf16
             on such a CPU, float32 elsewhere. Validation, sampling and the export always run
