@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 from dataclasses import dataclass, field
 
@@ -152,8 +153,11 @@ def start(plan: Plan, held: contextlib.ExitStack, extra_callbacks=()) -> Session
         # What ran, which the config alone does not say ("auto", 0 threads).
         "compute": {
             **compute_path(cfg.model),
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            # 0 is TensorFlow's default: a thread per core in each pool.
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()
+            or os.cpu_count(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()
+            or os.cpu_count(),
         },
     }
     if plan.replace:

@@ -340,3 +340,11 @@ def test_progress_bar_of_an_epoch_cut_short_ends_where_it_stopped(capsys):
         bar.on_epoch_end(0, {"loss": 1.0})
         out = capsys.readouterr().out
         assert shown in out and ("10/10" not in out or steps_run == 10), (verbose, out)
+
+
+def test_run_json_says_which_path_trained(tiny_run):
+    import json
+
+    compute = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))["compute"]
+    assert compute["layer"] == "FastLSTM" and compute["matmul_dtype"] == "float32"
+    assert compute["intra_op_threads"] >= 1 and compute["inter_op_threads"] >= 1
