@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from reference import reference_generate
 
 from charrnn_keras import cli, rundir
@@ -266,7 +267,7 @@ def test_top_p_draws_only_from_the_nucleus():
 
 
 def test_samples_are_each_their_seed_alone(sampler):
-    settings = {"temperature": 1.3, "top_k": 6, "top_p": 0.9, "strategy": "words"}
+    settings = {"temperature": 1.3, "top_k": 6, "top_p": 0.9}
     many = sampler.samples("the ", 45, 4, seed=20, **settings)
     assert many == [sampler.sample("the ", 45, seed=20 + i, **settings) for i in range(4)]
     assert len(set(many)) == 4
@@ -303,3 +304,22 @@ def test_epoch_samples_change_seed_with_the_epoch(sampler, caplog):
     # With the weights unchanged, only the seed makes the epochs' samples differ.
     assert logged == [sampler.sample("", 30, temperature=1.0, seed=5 + e) for e in range(3)]
     assert len(set(logged)) == 3
+
+
+def test_draws_follow_the_softmax_and_rows_are_their_seed_alone():
+    from charrnn_keras.draw import draw_next
+
+    logits = tf.constant([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    probs = tf.nn.softmax(logits)[0].numpy()
+    n = 4000
+    drawn = np.array([int(draw_next(logits, 1.0, 0, tf.constant([7, 0], tf.int64), i)[0])
+                      for i in range(n)])  # fmt: skip
+    freq = np.bincount(drawn, minlength=5) / n
+    sigma = np.sqrt(probs * (1 - probs) / n)
+    assert np.all(np.abs(freq - probs) < 4 * sigma), (freq, probs)
+    # One seed per row: each row is drawn as it would be alone, whatever its neighbours.
+    rows = tf.tile(logits, [3, 1])
+    seeds = tf.constant([[1, 0], [2, 0], [1, 5]], tf.int64)
+    together = draw_next(rows, [1.0, 1.0, 1.0], 0, seeds, 9).numpy()
+    alone = [int(draw_next(logits, 1.0, 0, seeds[i], 9)[0]) for i in range(3)]
+    assert together.tolist() == alone
