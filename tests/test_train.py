@@ -96,7 +96,9 @@ def test_state_resets_at_epoch_start_and_around_validation():
 
     ds = tf.data.Dataset.from_tensor_slices((x, x))
     probe = _StateProbe()
-    model.fit(ds, validation_data=ds, epochs=2, callbacks=[ResetStates(), probe], verbose=0)
+    model.fit(
+        ds, validation_data=ds, epochs=2, callbacks=[ResetStates(), probe], verbose=0, shuffle=False
+    )
     starts = [norm for batch, norm in probe.train if batch == 0]
     carried = [norm for batch, norm in probe.train if batch > 0]
     assert starts == [0.0, 0.0]  # each epoch starts from zero state
