@@ -46,20 +46,30 @@ class RunBackup(keras.callbacks.Callback):
 
     Args:
         backup_dir: the directory for the backup; nothing else may write there.
+        replicas: the replicas training runs on (``tf.distribute``); recorded with each
+            backup, and a backup made with another count is refused: each replica's streams
+            would be other rows.
+        restore_from: the backup to restore (default ``backup_dir``): a multi-worker run's
+            workers all restore the chief's and each writes its own.
     """
 
-    def __init__(self, backup_dir):
+    def __init__(self, backup_dir, replicas: int = 1, restore_from=None):
         super().__init__()
         if not backup_dir or not str(backup_dir).strip():
             raise ValueError(f"backup_dir must name a directory, received: {backup_dir!r}")
+        if not (isinstance(replicas, int) and replicas >= 1):
+            raise ValueError(f"replicas must be an integer, 1 or more, received: {replicas!r}")
         self.backup_dir = Path(backup_dir)
+        self.replicas = replicas
+        self.restore_from = Path(restore_from) if restore_from else self.backup_dir
         self.saved_epoch = 0  # whole epochs completed according to the backup
         self._restored = False
         self._batches = 0
 
-    def _pairs(self) -> list[tuple[Path, Path]]:
+    def _pairs(self, folder: Path | None = None) -> list[tuple[Path, Path]]:
         """(weights, metadata) of the newest backup, then of the previous epoch's."""
-        newest = (self.backup_dir / WEIGHTS, self.backup_dir / METADATA)
+        folder = folder or self.backup_dir
+        newest = (folder / WEIGHTS, folder / METADATA)
         return [newest, tuple(p.with_name(p.name + PREVIOUS) for p in newest)]
 
     def restore(self) -> int:
@@ -70,20 +80,23 @@ class RunBackup(keras.callbacks.Callback):
         """
         if self.model is None:
             raise RuntimeError("RunBackup.restore() needs a model: call set_model(model) first")
-        pairs = self._pairs()
+        pairs = self._pairs(self.restore_from)
         failures = []
         for i, (weights, meta) in enumerate(pairs):
             if not weights.exists():
                 continue
             try:
                 epoch = self._load(weights, meta)
+            except BackupError:
+                raise
             except Exception as e:  # h5py, Keras and json raise many types for a bad file
                 failures.append(f"{weights} ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
                 continue
             if failures:
                 logger.warning("backup %s is damaged; resuming from the previous epoch's copy",
                                failures[0])  # fmt: skip
-            if i > 0:  # make the good copy the newest, so the next save keeps it as the fallback
+            if i > 0 and self.restore_from == self.backup_dir:
+                # The good copy becomes the newest, so the next save keeps it as the fallback.
                 for src, dst in zip(pairs[i], pairs[0], strict=True):
                     if src.exists():
                         atomic.copy(src, dst)
@@ -101,6 +114,19 @@ class RunBackup(keras.callbacks.Callback):
 
     def _load(self, weights: Path, meta: Path) -> int:
         """Loads one weights/metadata pair; returns its epoch (0 if it has no metadata)."""
+        epoch, made_with = 0, 1  # no metadata, or none of replicas (before tf.distribute)
+        if meta.exists():
+            facts = json.loads(meta.read_text(encoding="utf-8"))
+            epoch, made_with = facts["epoch"], facts.get("replicas", 1)
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+                raise ValueError(f"{meta}: epoch must be an integer, 0 or more, got {epoch!r}")
+        if made_with != self.replicas:
+            raise BackupError(
+                f"cannot resume: the backup in {self.restore_from} was made on {made_with} "
+                f"replicas and this run has {self.replicas}; run it as before "
+                f"(train.distribute, train.replicas, the same workers), or pass "
+                f"{option('overwrite', True)} to start a new run"
+            )
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)  # its variables are in the file
@@ -113,11 +139,6 @@ class RunBackup(keras.callbacks.Callback):
                 self.model.load_weights(str(tmp))
             finally:
                 tmp.unlink(missing_ok=True)
-        if not meta.exists():
-            return 0
-        epoch = json.loads(meta.read_text(encoding="utf-8"))["epoch"]
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"{meta}: epoch must be an integer, 0 or more, got {epoch!r}")
         return epoch
 
     def discard(self) -> None:
@@ -162,4 +183,4 @@ class RunBackup(keras.callbacks.Callback):
                 atomic.copy(src, dst)
         with atomic.replacing(newest[0]) as tmp:
             self.model.save_weights(str(tmp))
-        atomic.write_json(newest[1], {"epoch": epoch})
+        atomic.write_json(newest[1], {"epoch": epoch, "replicas": self.replicas})

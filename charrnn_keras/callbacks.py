@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from charrnn_keras.distribute import SINGLE, replica_states, set_replica_states
 from charrnn_keras.model import reset_states, rnn_layers
 from charrnn_keras.rundir import checkpoint_name
 
@@ -172,9 +173,15 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
         units: ``rnn_size``, for the file name.
         val_data: a tf.data.Dataset of validation batches, or None to name with the train loss.
         steps_per_epoch: to count steps across epochs and resumes.
+        topology: where training runs (``distribute.Topology``); ``val_data`` is then the
+            distributed validation set.
+        val_steps: batches in one pass of a distributed (repeated) ``val_data``.
     """
 
-    def __init__(self, every: int, directory, units: int, val_data, steps_per_epoch: int):
+    def __init__(
+        self, every: int, directory, units: int, val_data, steps_per_epoch: int,
+        topology=SINGLE, val_steps: int = 0,
+    ):  # fmt: skip
         super().__init__()
         if every <= 0:
             raise ValueError(f"every must be greater than 0, received: every={every}")
@@ -183,6 +190,7 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
         self.units = units
         self.val_data = val_data
         self.steps_per_epoch = steps_per_epoch
+        self.topology, self.val_steps = topology, val_steps
         self._epoch = 0
         self._loss_fn = None
 
@@ -202,41 +210,60 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
     def validation_loss(self) -> float:
         """Returns the mean validation loss, leaving the training state as it was."""
         if self._loss_fn is None:
-            self._loss_fn = ValidationLoss(self.model, self.val_data)
+            self._loss_fn = ValidationLoss(self.model, self.val_data, self.topology, self.val_steps)
         return self._loss_fn()
 
 
 class ValidationLoss:
     """The mean validation loss of a stateful model, measured between training steps.
 
-    The recurrent state of the batch in flight is set aside, validation starts from zeros, and
-    the state is put back afterwards, so training continues as if nothing had happened.
+    The recurrent state of the batch in flight is set aside (every replica's), validation
+    starts from zeros, and the state is put back afterwards, so training continues as if
+    nothing had happened.
 
     Args:
         model: the training model.
-        val_data: a tf.data.Dataset of ``(inputs, targets)`` validation batches.
+        val_data: a tf.data.Dataset of ``(inputs, targets)`` validation batches, or under a
+            strategy the distributed, repeated validation set.
+        topology: where training runs (``distribute.Topology``).
+        steps: batches in one pass of a distributed ``val_data``.
     """
 
-    def __init__(self, model, val_data):
-        self.model, self.val_data = model, val_data
+    def __init__(self, model, val_data, topology=SINGLE, steps: int = 0):
+        self.model, self.val_data, self.topology, self.steps = model, val_data, topology, steps
+        strategy = topology.strategy
 
-        @tf.function
-        def batch_loss(x, y):
+        def loss(x, y):
             logits = model(x, training=False)
             return tf.reduce_mean(
                 keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             )
 
-        self._batch_loss = batch_loss
+        if strategy is None:
+            self._batch_loss = tf.function(loss)
+        else:
+            self._batches = iter(val_data)  # repeated: each pass takes exactly ``steps``
+
+            @tf.function
+            def batch_loss(batch):
+                # Every replica's block has the same number of rows: the mean of the means is
+                # the mean over the global batch.
+                per_replica = strategy.run(loss, args=batch)
+                return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+            self._batch_loss = batch_loss
 
     def __call__(self) -> float:
         layers = rnn_layers(self.model)
-        saved = [[np.array(v) for v in layer.states] for layer in layers]
+        saved = [[replica_states(self.topology, v) for v in layer.states] for layer in layers]
         reset_states(self.model)
-        losses = [float(self._batch_loss(x, y)) for x, y in self.val_data]
+        if self.topology.strategy is None:
+            losses = [float(self._batch_loss(x, y)) for x, y in self.val_data]
+        else:
+            losses = [float(self._batch_loss(next(self._batches))) for _ in range(self.steps)]
         for layer, values in zip(layers, saved, strict=True):
             for var, value in zip(layer.states, values, strict=True):
-                var.assign(value)
+                set_replica_states(self.topology, var, value)
         return float(np.mean(losses)) if losses else math.nan
 
 

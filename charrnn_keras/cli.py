@@ -27,7 +27,17 @@ def cmd_train(args) -> int:
     from charrnn_keras.config import load_config
 
     # Checked before TensorFlow loads (seconds), so these refusals are immediate.
-    cfg = load_config(args.config, args.set or ())
+    overrides = list(args.set or ())
+    if args.distribute is not None:
+        overrides.append(f'train.distribute="{args.distribute}"')
+    if args.replicas is not None:
+        overrides.append(f"train.replicas={args.replicas}")
+    cfg = load_config(args.config, overrides)
+    if cfg.train.distribute == "multi_worker" and os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "2":
+        # When a worker dies, the others' collectives log their aborts as ERROR lines before
+        # our one-line error says the same; TensorFlow reads the level when it loads (-v:
+        # startup.py leaves the level alone).
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     data_lib.check_data_path(args.data)
     from charrnn_keras.train import train
 

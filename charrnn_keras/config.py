@@ -19,6 +19,7 @@ from charrnn_keras.errors import ConfigError, option
 
 CELLS = ("lstm", "gru", "rnn")
 MATMUL_DTYPES = ("float32", "bfloat16", "auto")
+DISTRIBUTE = ("none", "mirrored", "multi_worker")
 
 
 @dataclass
@@ -87,6 +88,9 @@ class TrainConfig:
         sample_chars: length of the sample shown after each epoch and at the end (0 = none).
         intra_op_threads: TensorFlow's threads within one op (0 = TensorFlow's default).
         inter_op_threads: TensorFlow's threads running independent ops (0 = the default).
+        distribute: ``none`` (one device), ``mirrored`` (every local GPU, or ``replicas``
+            CPU devices) or ``multi_worker`` (the machines in ``TF_CONFIG``); distribute.py.
+        replicas: ``mirrored``: how many devices (0 = every GPU, or the CPU as one device).
     """
 
     epochs: int = 8
@@ -99,6 +103,8 @@ class TrainConfig:
     sample_chars: int = 300
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    distribute: str = "none"
+    replicas: int = 0
 
 
 @dataclass
@@ -172,6 +178,7 @@ def _validate(cfg: Config) -> None:
         ("train.sample_chars", cfg.train.sample_chars),
         ("train.intra_op_threads", cfg.train.intra_op_threads),
         ("train.inter_op_threads", cfg.train.inter_op_threads),
+        ("train.replicas", cfg.train.replicas),
     ]
     for key, value in non_negative:
         if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
@@ -182,6 +189,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout!r}")
     if not 0 <= cfg.train.seed < 2**32:  # what keras.utils.set_random_seed (numpy) accepts
         raise ConfigError(f"train.seed must be from 0 to {2**32 - 1}, got {cfg.train.seed!r}")
+    if cfg.train.distribute not in DISTRIBUTE:
+        raise ConfigError(
+            f"train.distribute must be one of {', '.join(DISTRIBUTE)}, got {cfg.train.distribute!r}"
+        )
+    if cfg.train.replicas > 1 and cfg.train.distribute != "mirrored":
+        raise ConfigError(
+            f'train.replicas = {cfg.train.replicas} needs train.distribute = "mirrored", '
+            f"got {cfg.train.distribute!r}"
+        )
     m = cfg.model
     if m.cell not in CELLS:
         raise ConfigError(f"model.cell must be one of {', '.join(CELLS)}, got {m.cell!r}")

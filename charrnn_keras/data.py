@@ -251,14 +251,15 @@ def check_size(n_chars: int, batch_size: int, seq_length: int, val_fraction: flo
         )
 
 
-def _num_batches(length: int, batch_size: int, seq_length: int) -> int:
-    num_batches = (length - 1) // (batch_size * seq_length)
-    if num_batches < 1:
+def num_batches(length: int, batch_size: int, seq_length: int) -> int:
+    """Batches per epoch of a split of ``length`` characters (DataError if none fits)."""
+    count = (length - 1) // (batch_size * seq_length)
+    if count < 1:
         raise DataError(
             f"a split of {length:,} characters is too small for one batch of "
             f"{batch_size} x {seq_length}"
         )
-    return num_batches
+    return count
 
 
 def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int):
@@ -276,18 +277,16 @@ def stream_batches(ids: np.ndarray, batch_size: int, seq_length: int):
         ``(x, y)``, each ``[num_batches, batch_size, seq_length]``, where ``y`` is ``x`` shifted
         by one character and ``x[k+1, i, 0]`` follows ``x[k, i, -1]`` in the text.
     """
-    num_batches = _num_batches(len(ids), batch_size, seq_length)
-    n = num_batches * batch_size * seq_length
+    steps = num_batches(len(ids), batch_size, seq_length)
+    n = steps * batch_size * seq_length
 
     def layout(a):
-        return np.ascontiguousarray(
-            a.reshape(batch_size, num_batches, seq_length).transpose(1, 0, 2)
-        )
+        return np.ascontiguousarray(a.reshape(batch_size, steps, seq_length).transpose(1, 0, 2))
 
     return layout(ids[:n]), layout(ids[1 : n + 1])
 
 
-def make_dataset(ids: np.ndarray, batch_size: int, seq_length: int):
+def make_dataset(ids: np.ndarray, batch_size: int, seq_length: int, replicas=1, local=(0,)):
     """Returns a tf.data.Dataset of ``(inputs, targets)`` int32 batches in stream order.
 
     The batches are those of ``stream_batches``, gathered one at a time from a single copy of
@@ -295,32 +294,41 @@ def make_dataset(ids: np.ndarray, batch_size: int, seq_length: int):
 
     Args:
         ids: one split of the encoded text.
-        batch_size: rows per batch.
+        batch_size: rows per batch (all replicas' rows).
         seq_length: characters per row per batch.
+        replicas: split every batch's rows into this many equal blocks, replica k's being
+            rows ``[k * b, (k + 1) * b)`` with ``b = batch_size // replicas``.
+        local: the replicas whose blocks this dataset yields: for each step, each of their
+            blocks in this order (as ``tf.distribute`` hands a worker's elements to its
+            replicas in turn).
 
     Returns:
         ``(dataset, num_batches)``.
     """
     import tensorflow as tf
 
-    num_batches = _num_batches(len(ids), batch_size, seq_length)
-    n = num_batches * batch_size * seq_length
+    steps = num_batches(len(ids), batch_size, seq_length)
+    n = steps * batch_size * seq_length
     text = tf.constant(ids[: n + 1])
     # Row i is the i-th of batch_size equal stretches of the text; batch k takes its k-th piece.
-    stretch = num_batches * seq_length
-    offsets = tf.range(batch_size, dtype=tf.int64)[:, None] * stretch + tf.range(
+    stretch = steps * seq_length
+    rows = batch_size // replicas
+    local = list(local)
+    first_rows = tf.constant([k * rows for k in local], tf.int64)
+    offsets = tf.range(rows, dtype=tf.int64)[:, None] * stretch + tf.range(
         seq_length, dtype=tf.int64
     )
 
-    def batch(k):
-        index = offsets + k * seq_length
+    def batch(i):
+        step, block = i // len(local), i % len(local)
+        index = offsets + first_rows[block] * stretch + step * seq_length
         return (
             tf.cast(tf.gather(text, index), tf.int32),
             tf.cast(tf.gather(text, index + 1), tf.int32),
         )
 
-    ds = tf.data.Dataset.range(num_batches).map(batch)
-    return ds.prefetch(tf.data.AUTOTUNE), num_batches
+    ds = tf.data.Dataset.range(steps * len(local)).map(batch)
+    return ds.prefetch(tf.data.AUTOTUNE), steps
 
 
 def describe(corpus: Corpus) -> dict:

@@ -93,6 +93,12 @@ class TrainingStopped(CharRNNError):
     exit_code = 1  # a run that failed, not a usage error (2)
 
 
+class DistributeError(CharRNNError):
+    """Workers of one distributed run that cannot train together (disagree, unreachable)."""
+
+    exit_code = 1
+
+
 class Interrupted(CharRNNError):
     """Ctrl-C or SIGTERM; the message says how to continue."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from charrnn_keras.config import DISTRIBUTE
 from charrnn_keras.limits import STRATEGIES, UNKNOWN
 from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
 
@@ -147,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SECTION.KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+    )
+    p.add_argument(
+        "--distribute",
+        choices=DISTRIBUTE,
+        help="train.distribute: one device, every local GPU (or --replicas CPU devices), or "
+        "the machines in TF_CONFIG (README: Training on several machines)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=_number("int32", 0),
+        help="train.replicas: devices for --distribute mirrored (0 = every GPU, or the CPU)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --run-dir")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

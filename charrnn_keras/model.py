@@ -19,6 +19,7 @@ import keras
 
 from charrnn_keras import atomic
 from charrnn_keras.config import Config, ModelConfig, TrainConfig
+from charrnn_keras.distribute import GlobalClipAdam, multi_worker_logs
 from charrnn_keras.errors import ConfigError
 from charrnn_keras.fast_lstm import FastLSTM, native_bf16
 from charrnn_keras.vocab import Vocab
@@ -93,6 +94,12 @@ class CharRNN(keras.Sequential):
             if self.vocab_sha256:
                 with h5py.File(tmp, "a") as f:
                     f.attrs[VOCAB_ATTR] = self.vocab_sha256
+
+    def train_step(self, data):
+        return multi_worker_logs(super().train_step(data))
+
+    def test_step(self, data):
+        return multi_worker_logs(super().test_step(data))
 
     def weights_file_bytes(self) -> int:
         """Estimates the size of the file ``save_weights`` writes, erring high.
@@ -229,21 +236,29 @@ def bits_per_char(y_true, y_pred):
     ) / math.log(2.0)
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig) -> None:
+def compile_model(model: keras.Model, cfg: TrainConfig, distributed: bool = False) -> None:
     """Compiles for training: Adam with global-norm clipping, cross-entropy from logits.
 
     Args:
         model: the training model.
         cfg: the training settings (learning rate, clipping).
+        distributed: the model trains under a ``tf.distribute`` strategy: clip the summed
+            gradient, not each replica's share (``distribute.GlobalClipAdam``).
     """
-    optimizer = keras.optimizers.Adam(
-        learning_rate=cfg.learning_rate, global_clipnorm=cfg.grad_clip or None
-    )
+    if distributed:
+        optimizer = GlobalClipAdam(cfg.grad_clip, learning_rate=cfg.learning_rate)
+    else:
+        optimizer = keras.optimizers.Adam(
+            learning_rate=cfg.learning_rate, global_clipnorm=cfg.grad_clip or None
+        )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.MeanMetricWrapper(bits_per_char, name="bpc")],
     )
+    # Built now, in the caller's scope: a strategy then mirrors its variables, which Keras
+    # would otherwise create while tracing a replica's first step.
+    optimizer.build(model.trainable_variables)
 
 
 # Deeper stacks add nothing a char-RNN can use and take minutes to build (100,000 layers did).

@@ -19,7 +19,8 @@ from pathlib import Path
 import tensorflow as tf
 
 from charrnn_keras.config import Config
-from charrnn_keras.errors import Interrupted, TrainingStopped
+from charrnn_keras.distribute import agree, config_facts, make_topology
+from charrnn_keras.errors import DistributeError, Interrupted, TrainingStopped
 from charrnn_keras.rundir import Status, periodic_checkpoints
 from charrnn_keras.sampling import Sampler
 from charrnn_keras.session import SAMPLE_TEMPERATURE, Session, prepare, start
@@ -123,11 +124,34 @@ def train(
         A TrainResult.
     """
     apply_threads(cfg)
+    topology = make_topology(cfg)  # before TensorFlow runs an op: it sets up the devices
+    logger.info("%s", topology.describe())
     with contextlib.ExitStack() as held:  # the run's lock, held until training is recorded
-        plan = prepare(cfg, data, run_dir, overwrite, config_name, held)
-        session = start(plan, held, extra_callbacks)
+        # Each stage ends with every worker checking that the others got as far and agree,
+        # so that none trains alone or waits for one that has stopped.
+        with _agreed(topology, {**config_facts(cfg), "corpus sha256": None}) as facts:
+            plan = prepare(cfg, data, run_dir, overwrite, config_name, held, topology)
+            facts["corpus sha256"] = plan.corpus.digest
+        with _agreed(topology, {"epoch resumed from": None}) as facts:
+            session = start(plan, held, extra_callbacks)
+            facts["epoch resumed from"] = session.first_epoch
         fit_run(session, verbose)
         return finish(session)
+
+
+@contextlib.contextmanager
+def _agreed(topology, facts: dict):
+    """Runs a stage that fills in ``facts``, then checks them with ``distribute.agree``.
+
+    A worker whose stage fails still takes part (with the facts it has), so that the others
+    stop too, and then raises its own error.
+    """
+    try:
+        yield facts
+    except Exception:
+        agree(topology, facts, failed=True)
+        raise
+    agree(topology, facts)
 
 
 def fit_run(session: Session, verbose: int = 1) -> None:
@@ -139,16 +163,32 @@ def fit_run(session: Session, verbose: int = 1) -> None:
     """
     s = session
     began = time.monotonic()
+    distributed = s.topology.strategy is not None
     try:
-        s.model.fit(
-            s.train_ds,
-            epochs=s.cfg.train.epochs,
-            initial_epoch=s.first_epoch,
-            validation_data=s.val_ds,
-            callbacks=s.callbacks,
-            verbose=verbose,
-            shuffle=False,
-        )
+        with s.topology.scope():
+            s.model.fit(
+                s.train_ds,
+                epochs=s.cfg.train.epochs,
+                initial_epoch=s.first_epoch,
+                validation_data=s.val_ds,
+                callbacks=s.callbacks,
+                verbose=verbose,
+                shuffle=False,
+                # A distributed dataset repeats: Keras is told where each epoch ends.
+                steps_per_epoch=s.steps if distributed else None,
+                validation_steps=s.val_steps if distributed and s.val_steps else None,
+            )
+    except tf.errors.OpError as e:
+        if s.topology.workers == 1:
+            raise
+        # A worker that died or cannot be reached fails the collectives of all the others.
+        done = s.backup.saved_epoch
+        s.run.record(Status.INTERRUPTED, epochs_done=done)
+        raise DistributeError(
+            f"worker {s.topology.worker}: training stopped in epoch {done + 1}: another worker "
+            f"stopped or cannot be reached ({type(e).__name__}); run the same command on every "
+            f"worker to resume from epoch {done + 1}"
+        ) from None
     except KeyboardInterrupt:
         done = s.backup.saved_epoch
         s.run.record(Status.INTERRUPTED, epochs_done=done)
@@ -196,12 +236,13 @@ def finish(session: Session) -> TrainResult:
             f"the last finite one; {s.run.path} keeps its checkpoints"
         )
     sample = ""
-    if t.sample_chars and (s.run.best.exists() or periodic_checkpoints(s.run.path)):
+    wrote_weights = s.run.best.exists() or periodic_checkpoints(s.run.path)
+    if t.sample_chars and s.topology.is_chief and wrote_weights:
         sample = Sampler.from_run_dir(s.run.path).sample(
             "", t.sample_chars, temperature=SAMPLE_TEMPERATURE, seed=t.seed
         )
     return TrainResult(
-        run_dir=s.run.path,
+        run_dir=s.home or s.run.path,
         best_val_loss=best,
         best_val_bpc=None if best is None else best / math.log(2),
         epochs_done=done,
