@@ -19,9 +19,9 @@ import keras
 
 from charrnn_keras import atomic
 from charrnn_keras.config import Config, ModelConfig, TrainConfig
-from charrnn_keras.distribute import GlobalClipAdam, multi_worker_logs
 from charrnn_keras.errors import ConfigError
 from charrnn_keras.fast_lstm import FastLSTM, native_bf16
+from charrnn_keras.replicas import GlobalClipAdam, multi_worker_logs
 from charrnn_keras.vocab import Vocab
 
 _LAYERS = {
@@ -243,7 +243,7 @@ def compile_model(model: keras.Model, cfg: TrainConfig, distributed: bool = Fals
         model: the training model.
         cfg: the training settings (learning rate, clipping).
         distributed: the model trains under a ``tf.distribute`` strategy: clip the summed
-            gradient, not each replica's share (``distribute.GlobalClipAdam``).
+            gradient, not each replica's share (``replicas.GlobalClipAdam``).
     """
     if distributed:
         optimizer = GlobalClipAdam(cfg.grad_clip, learning_rate=cfg.learning_rate)

@@ -26,15 +26,10 @@ from charrnn_keras.callbacks import (
     WholeEpochs,
 )
 from charrnn_keras.config import Config
-from charrnn_keras.distribute import (
-    SINGLE,
-    Topology,
-    building,
-    distributed_dataset,
-    use_scope_strategy,
-)
+from charrnn_keras.distribute import SINGLE, Topology, distributed_dataset
 from charrnn_keras.errors import ConfigError, option
 from charrnn_keras.model import build_model, check_fits, compile_model, compute_path
+from charrnn_keras.replicas import building, use_scope_strategy
 from charrnn_keras.resume import (
     check_replaceable,
     check_resume,

@@ -19,7 +19,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 
 from charrnn_keras import data as data_lib  # noqa: E402
-from charrnn_keras import distribute  # noqa: E402
+from charrnn_keras import distribute, replicas  # noqa: E402
 from charrnn_keras.callbacks import ValidationLoss  # noqa: E402
 from charrnn_keras.config import load_config  # noqa: E402
 from charrnn_keras.model import build_model, compile_model, rnn_layers  # noqa: E402
@@ -59,10 +59,10 @@ for mode in ("none", "mirrored"):
     cfg = config(mode)
     topo = distribute.make_topology(cfg)
     keras.utils.set_random_seed(7)
-    with distribute.building(topo):
+    with replicas.building(topo):
         model = build_model(cfg.model, 16, B // topo.replicas, T)
         compile_model(model, cfg.train, distributed=topo.strategy is not None)
-    distribute.use_scope_strategy(model, topo)
+    replicas.use_scope_strategy(model, topo)
     if topo.strategy is None:
         ds, _ = data_lib.make_dataset(ids, B, T)
     else:
@@ -70,14 +70,14 @@ for mode in ("none", "mirrored"):
     with topo.scope():
         model.fit(ds, epochs=1, steps_per_epoch=3, verbose=0, shuffle=False)
     layer = rnn_layers(model)[-1]
-    h = distribute.replica_states(topo, layer.states[0])
+    h = replicas.replica_states(topo, layer.states[0])
     states[mode] = np.concatenate(h, axis=0)
     if mode == "mirrored":
         result["replica_states_differ"] = bool(np.abs(h[0] - h[1]).max() > 1e-3)
         # Validation in the middle of training leaves every replica's state as it was.
         val_ds, val_steps = distribute.distributed_dataset(topo, ids, B, T)
         loss = ValidationLoss(model, val_ds, topo, val_steps)()
-        after = np.concatenate(distribute.replica_states(topo, layer.states[0]), axis=0)
+        after = np.concatenate(replicas.replica_states(topo, layer.states[0]), axis=0)
         result["validation_keeps_state"] = bool(np.array_equal(after, states[mode]))
         result["validation_loss_finite"] = bool(np.isfinite(loss))
 result["state_max_diff"] = float(np.abs(states["none"] - states["mirrored"]).max())
