@@ -179,8 +179,10 @@ def main() -> None:
     chars = shape["batch_size"] * shape["seq_length"]
     print(f"\nconfig {args.config} {shape}, {args.steps} steps per mode per round, "
           f"{args.rounds} rounds; machine: {common.machine()}")  # fmt: skip
-    print("| mode | replicas | step ms (median of rounds) | steps/s | chars/s | vs none "
-          "| all-reduce ms per step |")
+    print(
+        "| mode | replicas | step ms (median of rounds) | steps/s | chars/s | vs none "
+        "| all-reduce ms per step |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = {}
     for mode in MODES:
