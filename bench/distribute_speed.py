@@ -17,7 +17,7 @@ Every mode builds the model, optimizer and per-replica dataset the way ``charrnn
 records each step's wall time, and the median of the steps after the first ``--warmup`` is the
 mode's step time for that round. In the same processes the all-reduce of one step's gradients
 (a SUM over replicas of tensors shaped like the model's trainable variables) is timed alone:
-that is the communication a step adds. Results go to ``bench/results/distribute_speed.json``.
+that is the communication a step adds. Results go to ``bench/results/distribute_speed_<config>.json``.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def main() -> None:
               f"{1000 / s['step_ms']:.2f} | {chars * 1000 / s['step_ms']:,.0f} | "
               f"{ratio:.2f} | {ar} |")  # fmt: skip
     common.RESULTS.mkdir(exist_ok=True)
-    out = common.RESULTS / "distribute_speed.json"
+    out = common.RESULTS / f"distribute_speed_{args.config}.json"
     out.write_text(json.dumps({"rounds": rounds, "summary": summary, "args": vars(args)}, indent=1))
     print(f"\nparams: {next(iter(summary.values()))['params']:,}; results in {out}")
 

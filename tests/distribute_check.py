@@ -53,10 +53,19 @@ result["rows_ok"] = all(
     for k in range(2)
 )
 
-# 2. Per-replica state: after 3 steps each replica's state is the one device's rows of it.
-states = {}
-for mode in ("none", "mirrored"):
-    cfg = config(mode)
+
+class Record(keras.callbacks.Callback):
+    def __init__(self, into):
+        super().__init__()
+        self.into = into
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.into.append(float(logs["loss"]))
+
+
+def fit_steps(mode: str, steps: int, *extra, losses=None):
+    """Builds the model as train() does and fits ``steps`` steps; returns (model, topology)."""
+    cfg = config(mode, *extra)
     topo = distribute.make_topology(cfg)
     keras.utils.set_random_seed(7)
     with replicas.building(topo):
@@ -67,8 +76,17 @@ for mode in ("none", "mirrored"):
         ds, _ = data_lib.make_dataset(ids, B, T)
     else:
         ds, _ = distribute.distributed_dataset(topo, ids, B, T)
+    callbacks = [Record(losses)] if losses is not None else []
     with topo.scope():
-        model.fit(ds, epochs=1, steps_per_epoch=3, verbose=0, shuffle=False)
+        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False,
+                  callbacks=callbacks)  # fmt: skip
+    return model, topo
+
+
+# 2. Per-replica state: after 3 steps each replica's state is the one device's rows of it.
+states = {}
+for mode in ("none", "mirrored"):
+    model, topo = fit_steps(mode, 3)
     layer = rnn_layers(model)[-1]
     h = replicas.replica_states(topo, layer.states[0])
     states[mode] = np.concatenate(h, axis=0)
@@ -82,18 +100,19 @@ for mode in ("none", "mirrored"):
         result["validation_loss_finite"] = bool(np.isfinite(loss))
 result["state_max_diff"] = float(np.abs(states["none"] - states["mirrored"]).max())
 
-# 3. The whole train(): the same loss at every step and the same history, clipping active.
+# 3. The other LSTM paths under the strategy: Keras' own LSTM, and FastLSTM in bf16.
+for name, extra in [("keras_lstm", "model.fast_lstm=false"),
+                    ("bf16", 'model.matmul_dtype="bfloat16"')]:  # fmt: skip
+    per_mode = {}
+    for mode in ("none", "mirrored"):
+        per_mode[mode] = []
+        fit_steps(mode, 6, extra, losses=per_mode[mode])
+    diff = np.abs(np.subtract(per_mode["none"], per_mode["mirrored"]))
+    result[f"{name}_loss_max_diff"] = float(diff.max())
+    result[f"{name}_loss_moved"] = float(abs(per_mode["none"][-1] - per_mode["none"][0]))
+
+# 4. The whole train(): the same loss at every step and the same history, clipping active.
 losses, runs = {}, {}
-
-
-class Record(keras.callbacks.Callback):
-    def __init__(self, into):
-        super().__init__()
-        self.into = into
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.into.append(float(logs["loss"]))
-
 
 for mode in ("none", "mirrored"):
     losses[mode] = []
