@@ -132,8 +132,10 @@ class RunBackup(keras.callbacks.Callback):
             optimizer.build(self.model.trainable_variables)  # its variables are in the file
         if weights.name.endswith(atomic.WEIGHTS_SUFFIX):
             self.model.load_weights(str(weights))
-        else:  # Keras reads only *.weights.h5 names, so the .bkp copy is read under one
-            tmp = atomic.temp_path(weights.with_name(weights.name + atomic.WEIGHTS_SUFFIX))
+        else:  # Keras reads only *.weights.h5 names, so the .bkp copy is read under one,
+            # made in our own backup folder: another worker's may be the chief's to write.
+            self.backup_dir.mkdir(parents=True, exist_ok=True)
+            tmp = atomic.temp_path(self.backup_dir / (weights.name + atomic.WEIGHTS_SUFFIX))
             try:
                 shutil.copyfile(weights, tmp)
                 self.model.load_weights(str(tmp))

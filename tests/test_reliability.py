@@ -776,4 +776,7 @@ def test_backup_must_be_restored_before_fit(tmp_path):
     assert backup.restore() == 0
     model.fit(x, x, batch_size=2, epochs=1, verbose=0, callbacks=[backup])
     assert backup.saved_epoch == 1
-    assert json.loads((tmp_path / "b" / "training_metadata.json").read_text()) == {"epoch": 1}
+    assert json.loads((tmp_path / "b" / "training_metadata.json").read_text()) == {
+        "epoch": 1,
+        "replicas": 1,
+    }
