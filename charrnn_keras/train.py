@@ -125,13 +125,13 @@ def train(
     """
     apply_threads(cfg)
     topology = make_topology(cfg)  # before TensorFlow runs an op: it sets up the devices
-    logger.info("%s", topology.describe())
     with contextlib.ExitStack() as held:  # the run's lock, held until training is recorded
         # Each stage ends with every worker checking that the others got as far and agree,
         # so that none trains alone or waits for one that has stopped.
         with _agreed(topology, {**config_facts(cfg), "corpus sha256": None}) as facts:
             plan = prepare(cfg, data, run_dir, overwrite, config_name, held, topology)
             facts["corpus sha256"] = plan.corpus.digest
+        logger.info("%s", topology.describe())  # once the run is checked: a refusal is one line
         with _agreed(topology, {"epoch resumed from": None}) as facts:
             session = start(plan, held, extra_callbacks)
             facts["epoch resumed from"] = session.first_epoch
