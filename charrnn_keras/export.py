@@ -58,6 +58,12 @@ class ExportModule:
             row carries its own recurrent state and gate activations.
         batching: BatchingParameters: run the generation in TensorFlow's BatchFunction op,
             which merges concurrent requests (``batching.batched``); None runs each alone.
+        weights_dtype: the kernels ``generate`` multiplies by (``Generator``): ``float32``,
+            the text of ``charrnn sample``, or ``bfloat16``, opt-in: half the weight memory
+            read per character, faster at batch 8 on CPUs with native bf16 but slower at
+            batch 1 (BENCHMARKS.md, 3), and not the float32 text.
+        fused: False generates with Keras's cells, as exports before ``lstm_step`` did (the
+            same text, slower; for comparisons).
     """
 
     def __init__(
@@ -69,8 +75,10 @@ class ExportModule:
         max_batch_chars: int = names.DEFAULT_MAX_BATCH_CHARS,
         max_rows: int = names.DEFAULT_MAX_ROWS,
         batching=None,
+        weights_dtype: str = "float32",
+        fused: bool = True,
     ):
-        self.gen = generation.Generator(model, vocab)
+        self.gen = generation.Generator(model, vocab, fused=fused, weights_dtype=weights_dtype)
         self.cfg, self.vocab = cfg, vocab
         self.table = generation.prime_table(vocab)
         self.state_names = [name for name, _ in self.gen.layout]
@@ -201,6 +209,7 @@ def export_run(
     checkpoint=None,
     max_chars: int = names.DEFAULT_MAX_CHARS,
     batching_parameters_file=None,
+    weights_dtype: str = "float32",
 ) -> Path:
     """Writes ``export_dir/model_name/version/`` atomically and refreshes ``models.config``.
 
@@ -219,6 +228,8 @@ def export_run(
             longest prime in characters, 0 to 2**31-1 (the signature's int32).
         batching_parameters_file: a BatchingParameters text proto: ``generate`` then runs in
             TensorFlow's BatchFunction op with them, merging concurrent requests in any server.
+        weights_dtype: ``float32`` or, opt-in, ``bfloat16`` kernels for ``generate`` (see
+            ``ExportModule``).
 
     Returns:
         The path of the new version directory.
@@ -242,7 +253,10 @@ def export_run(
     if batching_parameters_file is not None:
         params = batching_lib.read_parameters(batching_parameters_file)
     model, cfg, vocab = generation.load_sampling_model(run_dir, checkpoint)
-    archive = ExportModule(model, cfg, vocab, max_chars, batching=params).archive()
+    module = ExportModule(
+        model, cfg, vocab, max_chars, batching=params, weights_dtype=weights_dtype
+    )
+    archive = module.archive()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only or full export_dir; e.filename is the folder refused
