@@ -48,7 +48,7 @@ def feed(step, weights, ids, lengths, states: list) -> list:
     return states
 
 
-def draw(step, weights, prev, states: list, count, settings, start, space_id: int):
+def draw(step, weights, prev, states: list, count, settings, start, space_id: int, frozen=None):
     """``Generator.draw`` over a FusedStep (same arguments and results, same text).
 
     Args:
@@ -60,6 +60,11 @@ def draw(step, weights, prev, states: list, count, settings, start, space_id: in
         settings: ``generation.Draw``.
         start: int64 scalar, the position of the first draw.
         space_id: the vocabulary's space (-1: none), for strategy ``words``.
+        frozen: ``step.weights(frozen=True)``: the plain draw's inner loop then holds the
+            weights as its own constants. A tensor from outside a ``tf.while_loop`` enters it
+            as one more loop variable, and each loop variable costs four executor nodes per
+            character (Merge, Switch, Identity, NextIteration); ten weights would double the
+            nodes of the step.
 
     Returns:
         ``(ids [batch, count], last id [batch], states)``.
@@ -72,15 +77,16 @@ def draw(step, weights, prev, states: list, count, settings, start, space_id: in
              & ~tf.reduce_any(settings.top_k > 0) & ~tf.reduce_any(settings.top_p < 1))  # fmt: skip
     divisor = tf.maximum(t, 1e-6)[:, None]
 
-    def plain_draw(logits, prev, noise, position):
+    def plain_draw(logits, prev, noise):
         return tf.argmax(logits / divisor + noise, axis=-1, output_type=tf.int32)
 
-    def full_draw(logits, prev, noise, position):
+    def full_draw(logits, prev, noise):
         temperature = tf.where(words & (prev != space_id), 0.0, t)
-        return draw_next(logits, temperature, settings.top_k, settings.seed, position,
+        # draw_next reads neither seed nor position when given the noise.
+        return draw_next(logits, temperature, settings.top_k, settings.seed, start,
                          settings.top_p, noise=noise)  # fmt: skip
 
-    def run(pick):
+    def run(pick, weights):
         # Slot 0 is a dummy so that stack() works for count == 0.
         out = tf.TensorArray(tf.int32, size=count + 1, element_shape=tf.TensorShape([None]))
         out = out.write(0, tf.zeros([batch], tf.int32))
@@ -89,21 +95,27 @@ def draw(step, weights, prev, states: list, count, settings, start, space_id: in
             n = tf.minimum(BLOCK, count - i0)
             noise = gumbel_block(settings.seed, start + tf.cast(i0, tf.int64), n, batch, vocab)
 
+            # j counts from i0 + 1: out's slot and the loop counter in one add.
             def body(j, prev, states, out):
                 logits, states = step(weights, prev, states)
-                drawn = pick(logits, prev, noise[j], start + tf.cast(i0 + j, tf.int64))
+                drawn = pick(logits, prev, noise[j - i0 - 1])
                 drawn.set_shape(prev.shape)  # the batch is dynamic in the noise's shape
-                return j + 1, drawn, states, out.write(i0 + j + 1, drawn)
+                return j + 1, drawn, states, out.write(j, drawn)
 
+            end = i0 + n
             _, prev, states, out = tf.while_loop(
-                lambda j, *_: j < n, body, (tf.constant(0), prev, states, out)
+                lambda j, *_: j <= end, body, (i0 + 1, prev, states, out)
             )
-            return i0 + n, prev, states, out
+            return end, prev, states, out
 
         _, last, new, out = tf.while_loop(
             lambda i0, *_: i0 < count, block, (tf.constant(0), prev, states, out)
         )
         return [out.stack()[1:], last, *new]
 
-    result = tf.cond(plain, lambda: run(plain_draw), lambda: run(full_draw))
+    result = tf.cond(
+        plain,
+        lambda: run(plain_draw, weights if frozen is None else frozen),
+        lambda: run(full_draw, weights),
+    )
     return result[0], result[1], result[2:]

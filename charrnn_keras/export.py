@@ -77,8 +77,10 @@ class ExportModule:
         batching=None,
         weights_dtype: str = "float32",
         fused: bool = True,
+        kernel: str = "matmul",
+        freeze: bool = True,
     ):
-        self.gen = generation.Generator(model, vocab, fused=fused, weights_dtype=weights_dtype)
+        self.gen = generation.Generator(model, vocab, fused, weights_dtype, kernel, freeze)
         self.cfg, self.vocab = cfg, vocab
         self.table = generation.prime_table(vocab)
         self.state_names = [name for name, _ in self.gen.layout]
@@ -210,6 +212,8 @@ def export_run(
     max_chars: int = names.DEFAULT_MAX_CHARS,
     batching_parameters_file=None,
     weights_dtype: str = "float32",
+    kernel: str = "matmul",
+    freeze: bool = True,
 ) -> Path:
     """Writes ``export_dir/model_name/version/`` atomically and refreshes ``models.config``.
 

@@ -121,18 +121,27 @@ class Generator:
         fused: use the FusedStep where it applies; False runs Keras's cells in every loop.
         weights_dtype: the FusedStep's kernels, ``float32`` or ``bfloat16`` (faster at larger
             batches where the CPU multiplies bf16 natively, but not the float32 text).
+        kernel: the FusedStep's LSTM: ``matmul`` or ``block`` (``tf.raw_ops.LSTMBlockCell``).
+        freeze: the plain draw holds the weights' values as graph constants (an export's
+            weights never change; a Sampler's may, so it reads them on every call).
     """
 
     def __init__(
-        self, model: keras.Model, vocab: Vocab, fused: bool = True, weights_dtype: str = "float32"
+        self,
+        model: keras.Model,
+        vocab: Vocab,
+        fused: bool = True,
+        weights_dtype: str = "float32",
+        kernel: str = "matmul",
+        freeze: bool = False,
     ):
         self.model, self.vocab = model, vocab
         self.layout = state_layout(model)
         self.space_id = vocab.index.get(" ", -1)
         self.fallback = fallback_prime(vocab)
-        self.fused = None
+        self.fused, self.freeze = None, freeze
         if fused and lstm_step.supported(model):
-            self.fused = lstm_step.FusedStep(model, weights_dtype)
+            self.fused = lstm_step.FusedStep(model, weights_dtype, kernel)
         elif weights_dtype != "float32":
             raise SamplingError(f"weights_dtype {weights_dtype} needs a model of LSTM layers")
 
@@ -243,8 +252,10 @@ class Generator:
             ``(ids [batch, count], last id [batch], states)``.
         """
         if self.fused is not None:
-            ids, prev, states = draw_loop.draw(self.fused, self.fused.weights(), prev, states,
-                                               count, settings, start, self.space_id)  # fmt: skip
+            step = self.fused
+            frozen = step.weights(frozen=True) if self.freeze else None
+            ids, prev, states = draw_loop.draw(step, step.weights(), prev, states, count,
+                                               settings, start, self.space_id, frozen)  # fmt: skip
             return _batch_major(ids), prev, states
         batch = tf.shape(prev)[0]
         # Slot 0 is a dummy so that stack() works for count == 0.

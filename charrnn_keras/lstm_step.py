@@ -24,11 +24,13 @@ from __future__ import annotations
 import logging
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DTYPES = ("float32", "bfloat16")
+KERNELS = ("matmul", "block")
 
 
 def supported(model: keras.Model) -> bool:
@@ -59,22 +61,34 @@ class FusedStep:
         weights_dtype: ``float32`` (the same text as Keras's cells) or ``bfloat16``.
     """
 
-    def __init__(self, model: keras.Model, weights_dtype: str = "float32"):
+    def __init__(self, model: keras.Model, weights_dtype: str = "float32", kernel: str = "matmul"):
         if weights_dtype not in WEIGHTS_DTYPES:
             raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel}")
+        self.kernel = kernel
         self.dtype = tf.as_dtype(weights_dtype)
         self.embedding = next(m for m in model.layers if isinstance(m, keras.layers.Embedding))
         self.cells = [m.cell for m in model.layers if isinstance(m, keras.layers.LSTM)]
         self.dense = next(m for m in model.layers if isinstance(m, keras.layers.Dense))
 
-    def weights(self) -> list:
+    def weights(self, frozen: bool = False) -> list:
         """The derived weights, as tensors: call once, outside the loop.
+
+        Args:
+            frozen: return their values now, as numpy arrays (computed by the same
+                TensorFlow kernels), for a graph that holds them as constants.
 
         Returns:
             ``[table, U_1, b_1, (W_2, U_2, b_2), ..., dense kernel, dense bias]``: the layer-1
             table ``[vocab, 4u]`` is float32 (a gather reads one row), the kernels
             ``weights_dtype``.
         """
+        if frozen:
+            with tf.init_scope():  # eagerly, even while a graph is traced
+                return [w.numpy() for w in self.weights()]
+        if self.kernel == "block":
+            return self._block_weights()
         first = self.cells[0]
         table = tf.matmul(_value(self.embedding.embeddings), _value(first.kernel))
         out = [table, self._cast(first.recurrent_kernel), _value(first.bias)]
@@ -96,6 +110,10 @@ class FusedStep:
         Returns:
             ``(logits [batch, vocab] float32, new states)``.
         """
+        # numpy values become constants of the graph being traced (see draw_loop.draw).
+        weights = [tf.constant(w) if isinstance(w, np.ndarray) else w for w in weights]
+        if self.kernel == "block":
+            return self._block_step(weights, char_ids, states)
         table, recurrent, bias = weights[:3]
         z = tf.gather(table, char_ids) + self._matmul(states[0], recurrent) + bias
         h, c = _gates(z, states[1])
@@ -106,6 +124,30 @@ class FusedStep:
             h, c = _gates(z, states[2 * n + 1])
             new += [h, c]
         return self._matmul(h, weights[-2]) + weights[-1], new
+
+    def _block_weights(self) -> list:
+        """``[embeddings, (w, b) per layer, zeros, dense kernel, dense bias]`` for
+        ``tf.raw_ops.LSTMBlockCell``: ``w = [W; U]`` and ``b`` with the gates in its order
+        i, c, f, o."""
+        out = [_value(self.embedding.embeddings)]
+        for cell in self.cells:
+            w = tf.concat([_value(cell.kernel), _value(cell.recurrent_kernel)], axis=0)
+            out += [_icfo(w, cell.units), _icfo(_value(cell.bias), cell.units)]
+        zeros = tf.zeros([self.cells[0].units], tf.float32)
+        return out + [zeros, _value(self.dense.kernel), _value(self.dense.bias)]
+
+    def _block_step(self, weights, char_ids, states):
+        x, new, zeros = tf.gather(weights[0], char_ids), [], weights[-3]
+        for n in range(len(self.cells)):
+            w, b = weights[1 + 2 * n : 3 + 2 * n]
+            # No forget bias, no clipping, no peepholes: Keras's cell exactly.
+            out = tf.raw_ops.LSTMBlockCell(
+                x=x, cs_prev=states[2 * n + 1], h_prev=states[2 * n], w=w, wci=zeros, wcf=zeros,
+                wco=zeros, b=b, forget_bias=0.0, cell_clip=-1.0, use_peephole=False,
+            )  # fmt: skip
+            x = out[6]
+            new += [out[6], out[1]]
+        return tf.matmul(x, weights[-2]) + weights[-1], new
 
     def _matmul(self, x, w):
         if self.dtype == tf.float32:
@@ -120,6 +162,13 @@ def _gates(z, c):
     return tf.sigmoid(o) * tf.tanh(c), c
 
 
+def _icfo(w, units: int):
+    """Keras's gate blocks i, f, c, o (last axis) in LSTMBlockCell's order i, c, f, o."""
+    i, f, c, o = tf.split(w, 4, axis=-1)
+    return tf.concat([i, c, f, o], axis=-1)
+
+
 def _value(variable):
-    """The tf.Variable behind a Keras variable (tracked once by the export)."""
-    return getattr(variable, "value", variable)
+    """The value of a Keras variable, read here: a variable used inside the loop would be read
+    again on every character (a ReadVariableOp per weight per step)."""
+    return tf.convert_to_tensor(getattr(variable, "value", variable))
