@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from charrnn_keras import atomic, generation
+from charrnn_keras import atomic, export_graph, generation
 from charrnn_keras import batching as batching_lib
 from charrnn_keras.errors import ServingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES
@@ -82,7 +82,7 @@ class ExportModule:
     ):
         self.gen = generation.Generator(model, vocab, fused, weights_dtype, kernel, freeze)
         self.cfg, self.vocab = cfg, vocab
-        self.table = generation.prime_table(vocab)
+        self.table = export_graph.prime_table(vocab)
         self.state_names = [name for name, _ in self.gen.layout]
         self.bounds = {"max_chars": int(max_chars), "vocab_size": len(vocab)}
         self.max_batch_chars, self.max_rows = int(max_batch_chars), int(max_rows)
@@ -107,7 +107,7 @@ class ExportModule:
         """
         settings = {"num_chars": num_chars, "temperature": temperature, "top_k": top_k,
                     "top_p": top_p}  # fmt: skip
-        checks = generation.graph_checks(settings, self.bounds)
+        checks = export_graph.graph_checks(settings, self.bounds)
         rows = tf.size(prime, out_type=tf.int64)
         sizes = [tf.shape(t, out_type=tf.int64)[0] for t in (*settings.values(), seed, strategy)]
         # The work is rows x (longest prime + longest row), as the loops run to the longest;
@@ -155,7 +155,7 @@ class ExportModule:
         in the BatchFunction (the rows it ran with, padding included: the op's own evidence
         that requests were merged)."""
         draw = generation.Draw(temperature, top_k, top_p, seed, words=strategy == "words")
-        text = generation.generate_graph(self.gen, self.table, prime, num_chars, draw)
+        text = export_graph.generate_graph(self.gen, self.table, prime, num_chars, draw)
         if self.batching is None:
             return [text]
         return [text, tf.fill(tf.shape(prime), tf.size(prime))]
@@ -257,9 +257,8 @@ def export_run(
     if batching_parameters_file is not None:
         params = batching_lib.read_parameters(batching_parameters_file)
     model, cfg, vocab = generation.load_sampling_model(run_dir, checkpoint)
-    module = ExportModule(
-        model, cfg, vocab, max_chars, batching=params, weights_dtype=weights_dtype
-    )
+    module = ExportModule(model, cfg, vocab, max_chars, batching=params,
+                          weights_dtype=weights_dtype, kernel=kernel, freeze=freeze)  # fmt: skip
     archive = module.archive()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)

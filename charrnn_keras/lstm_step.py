@@ -76,8 +76,11 @@ class FusedStep:
         """The derived weights, as tensors: call once, outside the loop.
 
         Args:
-            frozen: return their values now, as numpy arrays (computed by the same
-                TensorFlow kernels), for a graph that holds them as constants.
+            frozen: return the matrices' values now, as numpy arrays (computed by the same
+                TensorFlow kernels), for a graph that holds them as constants. Biases stay
+                tensors: a constant bias lets Grappler fold ``(x W + h U) + b`` into a fused
+                matmul with its bias, other rounding than Keras's and, at batch 8, about 3x
+                slower than the plain matmul on oneDNN (BENCHMARKS.md, 3).
 
         Returns:
             ``[table, U_1, b_1, (W_2, U_2, b_2), ..., dense kernel, dense bias]``: the layer-1
@@ -85,8 +88,10 @@ class FusedStep:
             ``weights_dtype``.
         """
         if frozen:
+            live = self.weights()
             with tf.init_scope():  # eagerly, even while a graph is traced
-                return [w.numpy() for w in self.weights()]
+                values = [w.numpy() for w in self.weights()]
+            return [v if v.ndim == 2 else w for v, w in zip(values, live, strict=True)]
         if self.kernel == "block":
             return self._block_weights()
         first = self.cells[0]
