@@ -19,6 +19,7 @@ ratios. It also checks that the float32 exports write the base's text byte for b
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import statistics
 import subprocess
@@ -69,9 +70,17 @@ def load(path: Path):
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``name:key=value,...`` -> (name, export_run keyword arguments)."""
+    """``name:key=value,...`` -> (name, export_run keyword arguments); values are Python
+    literals (``False``, ``3``) or else strings."""
     name, _, rest = spec.partition(":")
-    return name, dict(item.split("=", 1) for item in rest.split(",") if item)
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=", 1)
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, kwargs
 
 
 def main() -> None:
