@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from charrnn_keras import atomic, generation
+from charrnn_keras import atomic, export_graph, generation
 from charrnn_keras import batching as batching_lib
 from charrnn_keras.errors import ServingError, StorageError, option
 from charrnn_keras.limits import STRATEGIES
@@ -58,6 +58,12 @@ class ExportModule:
             row carries its own recurrent state and gate activations.
         batching: BatchingParameters: run the generation in TensorFlow's BatchFunction op,
             which merges concurrent requests (``batching.batched``); None runs each alone.
+        weights_dtype: the kernels ``generate`` multiplies by (``Generator``): ``float32``,
+            the text of ``charrnn sample``, or ``bfloat16``, opt-in: half the weight memory
+            read per character, faster at batch 8 on CPUs with native bf16 but slower at
+            batch 1 (BENCHMARKS.md, 3), and not the float32 text.
+        fused: False generates with Keras's cells, as exports before ``lstm_step`` did (the
+            same text, slower; for comparisons).
     """
 
     def __init__(
@@ -69,10 +75,14 @@ class ExportModule:
         max_batch_chars: int = names.DEFAULT_MAX_BATCH_CHARS,
         max_rows: int = names.DEFAULT_MAX_ROWS,
         batching=None,
+        weights_dtype: str = "float32",
+        fused: bool = True,
+        kernel: str = "matmul",
+        freeze: bool = True,
     ):
-        self.gen = generation.Generator(model, vocab)
+        self.gen = generation.Generator(model, vocab, fused, weights_dtype, kernel, freeze)
         self.cfg, self.vocab = cfg, vocab
-        self.table = generation.prime_table(vocab)
+        self.table = export_graph.prime_table(vocab)
         self.state_names = [name for name, _ in self.gen.layout]
         self.bounds = {"max_chars": int(max_chars), "vocab_size": len(vocab)}
         self.max_batch_chars, self.max_rows = int(max_batch_chars), int(max_rows)
@@ -97,7 +107,7 @@ class ExportModule:
         """
         settings = {"num_chars": num_chars, "temperature": temperature, "top_k": top_k,
                     "top_p": top_p}  # fmt: skip
-        checks = generation.graph_checks(settings, self.bounds)
+        checks = export_graph.graph_checks(settings, self.bounds)
         rows = tf.size(prime, out_type=tf.int64)
         sizes = [tf.shape(t, out_type=tf.int64)[0] for t in (*settings.values(), seed, strategy)]
         # The work is rows x (longest prime + longest row), as the loops run to the longest;
@@ -145,7 +155,7 @@ class ExportModule:
         in the BatchFunction (the rows it ran with, padding included: the op's own evidence
         that requests were merged)."""
         draw = generation.Draw(temperature, top_k, top_p, seed, words=strategy == "words")
-        text = generation.generate_graph(self.gen, self.table, prime, num_chars, draw)
+        text = export_graph.generate_graph(self.gen, self.table, prime, num_chars, draw)
         if self.batching is None:
             return [text]
         return [text, tf.fill(tf.shape(prime), tf.size(prime))]
@@ -201,6 +211,9 @@ def export_run(
     checkpoint=None,
     max_chars: int = names.DEFAULT_MAX_CHARS,
     batching_parameters_file=None,
+    weights_dtype: str = "float32",
+    kernel: str = "matmul",
+    freeze: bool = True,
 ) -> Path:
     """Writes ``export_dir/model_name/version/`` atomically and refreshes ``models.config``.
 
@@ -219,6 +232,8 @@ def export_run(
             longest prime in characters, 0 to 2**31-1 (the signature's int32).
         batching_parameters_file: a BatchingParameters text proto: ``generate`` then runs in
             TensorFlow's BatchFunction op with them, merging concurrent requests in any server.
+        weights_dtype: ``float32`` or, opt-in, ``bfloat16`` kernels for ``generate`` (see
+            ``ExportModule``).
 
     Returns:
         The path of the new version directory.
@@ -242,7 +257,9 @@ def export_run(
     if batching_parameters_file is not None:
         params = batching_lib.read_parameters(batching_parameters_file)
     model, cfg, vocab = generation.load_sampling_model(run_dir, checkpoint)
-    archive = ExportModule(model, cfg, vocab, max_chars, batching=params).archive()
+    module = ExportModule(model, cfg, vocab, max_chars, batching=params,
+                          weights_dtype=weights_dtype, kernel=kernel, freeze=freeze)  # fmt: skip
+    archive = module.archive()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a read-only or full export_dir; e.filename is the folder refused

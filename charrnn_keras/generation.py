@@ -7,7 +7,7 @@ chunks; ``export.ExportModule`` runs a whole generation in one graph. The draw i
 ``draw.draw_next``, keyed by ``(seed, position)``, so both write the same text by construction.
 
 The settings' limits are one table, ``limits.LIMITS``: ``limits.check_settings`` refuses bad
-Python values, and ``graph_checks`` here builds the same checks as graph asserts
+Python values, and ``export_graph.graph_checks`` builds the same checks as graph asserts
 (INVALID_ARGUMENT over gRPC) with the same messages.
 """
 
@@ -17,13 +17,12 @@ import logging
 from typing import NamedTuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from charrnn_keras import rundir
+from charrnn_keras import draw_loop, lstm_step, rundir
 from charrnn_keras.draw import draw_next
 from charrnn_keras.errors import SamplingError, VocabError, option
-from charrnn_keras.limits import INT32_MAX, LIMITS, STRATEGIES, UNKNOWN, check_settings
+from charrnn_keras.limits import INT32_MAX, STRATEGIES, UNKNOWN, check_settings
 from charrnn_keras.model import build_model
 from charrnn_keras.vocab import Vocab, format_chars
 
@@ -31,31 +30,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 20  # unknown characters named in one error line
 _STATE_PARTS = {1: ("h",), 2: ("h", "c")}  # a cell's state tensors, as Keras orders them
-
-
-def graph_checks(tensors: dict, bounds: dict) -> list:
-    """Returns assert ops for ``limits.LIMITS``, with the messages of ``check_settings``.
-
-    Args:
-        tensors: ``{name: tensor}`` (scalars or one value per row).
-        bounds: the bounds, fixed when the graph is built.
-
-    Returns:
-        Ops to run before the generation (``tf.control_dependencies``).
-    """
-    checks = []
-    for limit in LIMITS:
-        value = tensors.get(limit.name)
-        if value is None or limit.dtype == "int64":  # an int64 input cannot be out of range
-            continue
-        high = tf.constant(limit.bound(bounds), value.dtype)
-        ok = (value >= tf.constant(limit.low, value.dtype)) & (value <= high)
-        if value.dtype.is_floating:
-            ok &= tf.math.is_finite(value)
-        checks.append(
-            tf.debugging.Assert(tf.reduce_all(ok), [f"{limit.message(bounds)}, got", value])
-        )
-    return checks
 
 
 def fallback_prime(vocab: Vocab) -> str:
@@ -111,16 +85,39 @@ class Generator:
     Nothing here reads or writes the stateful layers' own state, so the same object serves the
     stateful local sampler (which stores the state between calls) and the stateless export.
 
+    ``feed`` and ``draw`` run ``lstm_step.FusedStep`` where the model is one it computes (LSTM
+    layers, as ``build_model`` makes them): Keras's numbers in fewer ops per character, so the
+    same text faster. ``step`` always runs Keras's cells.
+
     Args:
         model: a model from ``build_model`` (any batch size), weights loaded.
         vocab: its vocabulary.
+        fused: use the FusedStep where it applies; False runs Keras's cells in every loop.
+        weights_dtype: the FusedStep's kernels, ``float32`` or ``bfloat16`` (faster at larger
+            batches where the CPU multiplies bf16 natively, but not the float32 text).
+        kernel: the FusedStep's LSTM: ``matmul`` or ``block`` (``tf.raw_ops.LSTMBlockCell``).
+        freeze: the plain draw holds the weights' values as graph constants (an export's
+            weights never change; a Sampler's may, so it reads them on every call).
     """
 
-    def __init__(self, model: keras.Model, vocab: Vocab):
+    def __init__(
+        self,
+        model: keras.Model,
+        vocab: Vocab,
+        fused: bool = True,
+        weights_dtype: str = "float32",
+        kernel: str = "matmul",
+        freeze: bool = False,
+    ):
         self.model, self.vocab = model, vocab
         self.layout = state_layout(model)
         self.space_id = vocab.index.get(" ", -1)
         self.fallback = fallback_prime(vocab)
+        self.fused, self.freeze = None, freeze
+        if fused and lstm_step.supported(model):
+            self.fused = lstm_step.FusedStep(model, weights_dtype, kernel)
+        elif weights_dtype != "float32":
+            raise SamplingError(f"weights_dtype {weights_dtype} needs a model of LSTM layers")
 
     # -- Python side: what a request means -----------------------------------------------------
 
@@ -202,6 +199,8 @@ class Generator:
         Returns:
             The new states.
         """
+        if self.fused is not None:
+            return draw_loop.feed(self.fused, self.fused.weights(), ids, lengths, states)
 
         def body(t, states):
             _, new = self.step(ids[:, t], states)
@@ -226,6 +225,12 @@ class Generator:
         Returns:
             ``(ids [batch, count], last id [batch], states)``.
         """
+        if self.fused is not None:
+            step = self.fused
+            frozen = step.weights(frozen=True) if self.freeze else None
+            ids, prev, states = draw_loop.draw(step, step.weights(), prev, states, count,
+                                               settings, start, self.space_id, frozen)  # fmt: skip
+            return _batch_major(ids), prev, states
         batch = tf.shape(prev)[0]
         # Slot 0 is a dummy so that stack() works for count == 0.
         out = tf.TensorArray(tf.int32, size=count + 1, element_shape=tf.TensorShape([None]))
@@ -273,61 +278,3 @@ class Draw(NamedTuple):
     top_p: tf.Tensor
     seed: tf.Tensor
     words: tf.Tensor
-
-
-def prime_table(vocab: Vocab) -> tf.lookup.StaticHashTable:
-    """A code point -> id table; unknown code points map to -1."""
-    return tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(
-            tf.constant(vocab.codepoints.astype(np.int64)), tf.range(len(vocab), dtype=tf.int64)
-        ),
-        default_value=-1,
-    )
-
-
-def encode_primes(table, primes, fallback_id: int):
-    """Encodes UTF-8 primes in the graph, as ``prepare_prime(unknown="skip")`` does.
-
-    Returns:
-        ``(ids [batch, time] int32 padded, lengths [batch] int32)``; every length is at least 1.
-    """
-    cps = tf.strings.unicode_decode(primes, "UTF-8", errors="ignore")
-    ids = tf.ragged.map_flat_values(table.lookup, tf.cast(cps, tf.int64))
-    ids = tf.ragged.boolean_mask(ids, ids >= 0)
-    lengths = tf.cast(ids.row_lengths(), tf.int32)
-    # One padding column, so that the first column exists even when every prime is empty.
-    dense = tf.pad(tf.cast(ids.to_tensor(0), tf.int32), [[0, 0], [0, 1]])
-    first = tf.where(lengths == 0, fallback_id, dense[:, 0])
-    return tf.concat([first[:, None], dense[:, 1:]], axis=1), tf.maximum(lengths, 1)
-
-
-def decode_ids(vocab: Vocab, ids):
-    """Returns UTF-8 strings ``[batch]`` for id rows ``[batch, n]`` (dense or ragged)."""
-    cps = tf.gather(tf.constant(vocab.codepoints.astype(np.int32)), ids)
-    return tf.strings.unicode_encode(cps, "UTF-8")
-
-
-def generate_graph(gen: Generator, table, primes, num_chars, settings: Draw):
-    """A whole generation for a batch of primes, in one graph (what the export serves).
-
-    Every row is independent: its own prime, length, settings and seed, so a row's text is
-    the same in any batch. The loop runs to the longest row; shorter rows' extra characters
-    are dropped.
-
-    Args:
-        gen: the Generator.
-        table: from ``prime_table(gen.vocab)``.
-        primes: string ``[batch]``.
-        num_chars: int32 ``[batch]``.
-        settings: the rows' draw settings (seed ``[batch, 2]``).
-
-    Returns:
-        string ``[batch]``: the continuations.
-    """
-    ids, lengths = encode_primes(table, primes, gen.vocab.index[gen.fallback])
-    batch = tf.shape(ids)[0]
-    states = gen.feed(ids, lengths - 1, gen.zero_states(batch))
-    prev = tf.gather(ids, lengths - 1, batch_dims=1)
-    count = tf.reduce_max(tf.concat([num_chars, [0]], axis=0))
-    out, _, _ = gen.draw(prev, states, count, settings, tf.constant(0, tf.int64))
-    return decode_ids(gen.vocab, tf.RaggedTensor.from_tensor(out, lengths=num_chars))

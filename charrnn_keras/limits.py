@@ -1,7 +1,7 @@
 """The generation settings and their limits: one table for the Python checks and the graph's.
 
 This module imports no TensorFlow, so the CLI can take its choices and ranges before TensorFlow
-starts. ``generation.graph_checks`` builds the graph asserts from the same ``LIMITS``.
+starts. ``export_graph.graph_checks`` builds the graph asserts from the same ``LIMITS``.
 """
 
 from __future__ import annotations

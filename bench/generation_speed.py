@@ -1,0 +1,146 @@
+"""Exported ``generate`` speed: this tree's export against an older commit's, same weights.
+
+Usage::
+
+    python bench/generation_speed.py                      # against the commit before issue 14
+    python bench/generation_speed.py --base HEAD~3 --windows 9 --chars 500
+    python bench/generation_speed.py --variant bf16:weights_dtype=bfloat16
+
+One random-weight 2 x 512 run (speed does not depend on the weights) is exported by the
+``--base`` commit's code (``git archive`` into a temporary folder, exported in a subprocess)
+and by this tree's, plus any ``--variant`` (``name:key=value,...``: ``export_run`` keyword
+arguments). Every export is loaded in its own graph-mode ``tf.compat.v1`` Session with the
+``serve`` tag, as TF Serving loads it. Each window times one ``generate`` call of ``--chars``
+characters per row for every export in turn (the order rotating), so the machine's drift hits
+all alike; the table gives medians, and the ratio to the base is the median of the windows'
+ratios. It also checks that the float32 exports write the base's text byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+import serving_speed as speed  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from charrnn_keras.export import export_run  # noqa: E402
+from charrnn_keras.serving import names  # noqa: E402
+
+# The last commit before issue 14's generation work: "today's" export.
+BASE = "a56f0f3"
+
+
+def export_base(commit: str, run_dir: Path, out: Path, workdir: Path) -> Path:
+    """Exports ``run_dir`` with the package as it was at ``commit``; returns the version dir."""
+    src = workdir / "base_src"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(common.REPO), "archive", commit, "charrnn_keras"],
+                             check=True, capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    code = ("import sys; from charrnn_keras.export import export_run; "
+            "print(export_run(sys.argv[1], sys.argv[2], 'charrnn'))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    proc = subprocess.run([sys.executable, "-c", code, str(run_dir), str(out)], check=True,
+                          capture_output=True, text=True, env=env, cwd=workdir)  # fmt: skip
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def load(path: Path):
+    """Returns run(inputs) -> texts for the export's generate, in a graph-mode Session."""
+    session = tf.compat.v1.Session(graph=tf.Graph())
+    with session.graph.as_default():
+        meta = tf.compat.v1.saved_model.loader.load(session, [names.SERVE_TAG], str(path))
+    sig = meta.signature_def[names.GENERATE]
+    fetch = sig.outputs[names.TEXT].name
+    feeds = {k: v.name for k, v in sig.inputs.items()}
+    return lambda inputs: session.run(fetch, {feeds[k]: v for k, v in inputs.items()})
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``name:key=value,...`` -> (name, export_run keyword arguments); values are Python
+    literals (``False``, ``3``) or else strings."""
+    name, _, rest = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=", 1)
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, kwargs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=BASE, help="the commit to compare against")
+    parser.add_argument("--chars", type=int, default=500)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--windows", type=int, default=7)
+    parser.add_argument("--variant", action="append", default=[], help="name:key=value,...")
+    args = parser.parse_args()
+    print(f"machine: {common.machine()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        speed.make_export(tmp, 512)
+        run_dir = tmp / "run"
+        paths = {"base": export_base(args.base, run_dir, tmp / "base", tmp)}
+        paths["new"] = export_run(run_dir, tmp / "new", speed.MODEL)
+        for spec in args.variant:
+            name, kwargs = parse_variant(spec)
+            paths[name] = export_run(run_dir, tmp / name, speed.MODEL, **kwargs)
+        runners = {name: load(path) for name, path in paths.items()}
+        rows = []
+        for batch in args.batches:
+            rows.append(measure(runners, batch, args.chars, args.windows))
+    print_table(rows, list(runners), args)
+    common.emit({"machine": common.machine(), "args": vars(args), "rows": rows})
+
+
+def measure(runners: dict, batch: int, chars: int, windows: int) -> dict:
+    """Interleaved windows at one batch size; returns chars/s per export and window."""
+    inputs = speed.generate_inputs(batch, chars)
+    texts = {name: run(inputs) for name, run in runners.items()}  # also the warm-up call
+    same = {name: bool(np.array_equal(t, texts["base"])) for name, t in texts.items()}
+    rates = {name: [] for name in runners}
+    names_ = list(runners)
+    for w in range(windows):
+        for name in names_[w % len(names_) :] + names_[: w % len(names_)]:
+            start = time.perf_counter()
+            runners[name](inputs)
+            rates[name].append(batch * chars / (time.perf_counter() - start))
+    print(f"batch {batch}: " + ", ".join(f"{n} {statistics.median(r):,.0f}"
+                                         for n, r in rates.items()), flush=True)  # fmt: skip
+    return {"batch": batch, "chars": chars, "rates": rates, "same_text": same,
+            "loadavg_1min": os.getloadavg()[0]}  # fmt: skip
+
+
+def print_table(rows: list, names_: list, args) -> None:
+    print(f"\n2 x 512, generate {args.chars} chars/row, {args.windows} interleaved windows, "
+          f"base {args.base}\n")  # fmt: skip
+    print("| batch | export | chars/s min | median | max | x base (median of windows) "
+          "| same text as base |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for row in rows:
+        base = row["rates"]["base"]
+        for name in names_:
+            r = row["rates"][name]
+            ratio = statistics.median(a / b for a, b in zip(r, base, strict=True))
+            print(f"| {row['batch']} | {name} | {min(r):,.0f} | {statistics.median(r):,.0f} | "
+                  f"{max(r):,.0f} | {ratio:.2f} | {row['same_text'][name]} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

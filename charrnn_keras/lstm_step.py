@@ -1,0 +1,179 @@
+"""A fused LSTM step for generation: the model's Embedding, LSTM layers and Dense in few ops.
+
+Generation runs one character per loop iteration, so at batch 1 to 8 a step is bound by the
+number of ops the executor dispatches and by reading the weights, not by arithmetic. Keras's
+cell call costs about a dozen ops per layer plus the embedding lookup; here:
+
+- layer 1's input matmul is precomputed for every character: ``embeddings @ kernel`` is a
+  ``[vocab, 4u]`` table, so the input side of the first layer is one gather (a row of the
+  table is bit for bit the row's own matmul);
+- every layer adds in Keras's order (``(x W + h U) + b``), so float32 gives Keras's numbers
+  exactly, not merely close ones: the text cannot drift from the cells' at a near-tie;
+- gates are split once, in Keras's order i, f, c, o;
+- ``weights_dtype="bfloat16"`` stores the recurrent, upper-layer and output kernels in
+  bfloat16 (half the memory read per step); the state and the gate arithmetic stay float32.
+  The text then differs from the float32 model's, so it is opt-in.
+
+The derived weights are computed from the model's variables once per call, outside the loop,
+so a SavedModel still holds each variable once and the ``step`` signature reads the same ones.
+Only standard TensorFlow ops (gather, matmul, split, sigmoid, tanh), so TF Serving runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DTYPES = ("float32", "bfloat16")
+KERNELS = ("matmul", "block")
+
+
+def supported(model: keras.Model) -> bool:
+    """Whether ``FusedStep`` computes this model's step: Embedding, LSTM layers with Keras's
+    default activations and a bias, Dropout (off when generating), a linear Dense."""
+    kinds = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.LSTM):
+            cell = layer.cell
+            ok = (cell.use_bias and cell.activation is keras.activations.tanh
+                  and cell.recurrent_activation is keras.activations.sigmoid)  # fmt: skip
+            kinds.append("lstm" if ok else "other")
+        elif isinstance(layer, keras.layers.Embedding):
+            kinds.append("embedding")
+        elif isinstance(layer, keras.layers.Dense):
+            kinds.append("dense" if layer.activation is keras.activations.linear else "other")
+        elif not isinstance(layer, keras.layers.Dropout):
+            kinds.append("other")
+    return (len(kinds) >= 3 and kinds[0] == "embedding" and kinds[-1] == "dense"
+            and all(k == "lstm" for k in kinds[1:-1]))  # fmt: skip
+
+
+class FusedStep:
+    """The step of a model that ``supported`` accepts, on explicit state.
+
+    Args:
+        model: the built model (any batch size), weights loaded.
+        weights_dtype: ``float32`` (the same text as Keras's cells) or ``bfloat16``.
+    """
+
+    def __init__(self, model: keras.Model, weights_dtype: str = "float32", kernel: str = "matmul"):
+        if weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel}")
+        self.kernel = kernel
+        self.dtype = tf.as_dtype(weights_dtype)
+        self.embedding = next(m for m in model.layers if isinstance(m, keras.layers.Embedding))
+        self.cells = [m.cell for m in model.layers if isinstance(m, keras.layers.LSTM)]
+        self.dense = next(m for m in model.layers if isinstance(m, keras.layers.Dense))
+
+    def weights(self, frozen: bool = False) -> list:
+        """The derived weights, as tensors: call once, outside the loop.
+
+        Args:
+            frozen: return the matrices' values now, as numpy arrays (computed by the same
+                TensorFlow kernels), for a graph that holds them as constants. Biases stay
+                tensors: a constant bias lets Grappler fold ``(x W + h U) + b`` into a fused
+                matmul with its bias, other rounding than Keras's and, at batch 8, about 3x
+                slower than the plain matmul on oneDNN (BENCHMARKS.md, 3).
+
+        Returns:
+            ``[table, U_1, b_1, (W_2, U_2, b_2), ..., dense kernel, dense bias]``: the layer-1
+            table ``[vocab, 4u]`` is float32 (a gather reads one row), the kernels
+            ``weights_dtype``.
+        """
+        if frozen:
+            live = self.weights()
+            with tf.init_scope():  # eagerly, even while a graph is traced
+                values = [w.numpy() for w in self.weights()]
+            return [v if v.ndim == 2 else w for v, w in zip(values, live, strict=True)]
+        if self.kernel == "block":
+            return self._block_weights()
+        first = self.cells[0]
+        table = tf.matmul(_value(self.embedding.embeddings), _value(first.kernel))
+        out = [table, self._cast(first.recurrent_kernel), _value(first.bias)]
+        for cell in self.cells[1:]:
+            out += [self._cast(cell.kernel), self._cast(cell.recurrent_kernel), _value(cell.bias)]
+        return out + [self._cast(self.dense.kernel), _value(self.dense.bias)]
+
+    def _cast(self, variable):
+        return tf.cast(_value(variable), self.dtype)
+
+    def __call__(self, weights: list, char_ids, states: list):
+        """One character per row through every layer.
+
+        Args:
+            weights: from ``weights()``.
+            char_ids: int32 ``[batch]``.
+            states: float32 ``[h_1, c_1, h_2, c_2, ...]``, each ``[batch, units]``.
+
+        Returns:
+            ``(logits [batch, vocab] float32, new states)``.
+        """
+        # numpy values become constants of the graph being traced (see draw_loop.draw).
+        weights = [tf.constant(w) if isinstance(w, np.ndarray) else w for w in weights]
+        if self.kernel == "block":
+            return self._block_step(weights, char_ids, states)
+        table, recurrent, bias = weights[:3]
+        z = tf.gather(table, char_ids) + self._matmul(states[0], recurrent) + bias
+        h, c = _gates(z, states[1])
+        new = [h, c]
+        for n in range(1, len(self.cells)):
+            kernel, recurrent, bias = weights[3 * n : 3 * n + 3]
+            z = self._matmul(h, kernel) + self._matmul(states[2 * n], recurrent) + bias
+            h, c = _gates(z, states[2 * n + 1])
+            new += [h, c]
+        return self._matmul(h, weights[-2]) + weights[-1], new
+
+    def _block_weights(self) -> list:
+        """``[embeddings, (w, b) per layer, zeros, dense kernel, dense bias]`` for
+        ``tf.raw_ops.LSTMBlockCell``: ``w = [W; U]`` and ``b`` with the gates in its order
+        i, c, f, o."""
+        out = [_value(self.embedding.embeddings)]
+        for cell in self.cells:
+            w = tf.concat([_value(cell.kernel), _value(cell.recurrent_kernel)], axis=0)
+            out += [_icfo(w, cell.units), _icfo(_value(cell.bias), cell.units)]
+        zeros = tf.zeros([self.cells[0].units], tf.float32)
+        return out + [zeros, _value(self.dense.kernel), _value(self.dense.bias)]
+
+    def _block_step(self, weights, char_ids, states):
+        x, new, zeros = tf.gather(weights[0], char_ids), [], weights[-3]
+        for n in range(len(self.cells)):
+            w, b = weights[1 + 2 * n : 3 + 2 * n]
+            # No forget bias, no clipping, no peepholes: Keras's cell exactly.
+            out = tf.raw_ops.LSTMBlockCell(
+                x=x, cs_prev=states[2 * n + 1], h_prev=states[2 * n], w=w, wci=zeros, wcf=zeros,
+                wco=zeros, b=b, forget_bias=0.0, cell_clip=-1.0, use_peephole=False,
+            )  # fmt: skip
+            x = out[6]
+            new += [out[6], out[1]]
+        return tf.matmul(x, weights[-2]) + weights[-1], new
+
+    def _matmul(self, x, w):
+        if self.dtype == tf.float32:
+            return tf.matmul(x, w)
+        return tf.cast(tf.matmul(tf.cast(x, self.dtype), w), tf.float32)
+
+
+def _gates(z, c):
+    """Keras's LSTM update from the pre-activations ``z`` (gates i, f, c, o)."""
+    i, f, g, o = tf.split(z, 4, axis=1)
+    c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+    return tf.sigmoid(o) * tf.tanh(c), c
+
+
+def _icfo(w, units: int):
+    """Keras's gate blocks i, f, c, o (last axis) in LSTMBlockCell's order i, c, f, o."""
+    i, f, c, o = tf.split(w, 4, axis=-1)
+    return tf.concat([i, c, f, o], axis=-1)
+
+
+def _value(variable):
+    """The value of a Keras variable, read here: a variable used inside the loop would be read
+    again on every character (a ReadVariableOp per weight per step)."""
+    return tf.convert_to_tensor(getattr(variable, "value", variable))
