@@ -20,7 +20,7 @@ from charrnn_keras.serving import names
 SINGLE_ROW_CHARS = 200
 
 
-def requests(model_name: str) -> list:
+def requests(model_name: str, max_chars: int | None = None) -> list:
     """The requests a server runs once before it reports a new version AVAILABLE.
 
     The first run of a Session prunes and optimises its graph, far slower than a request; TF
@@ -29,9 +29,14 @@ def requests(model_name: str) -> list:
     (both strategies, top-k and top-p on and off), then ``generate`` with one row as clients
     send it.
 
+    Args:
+        model_name: the model the requests name.
+        max_chars: the export's cap on ``num_chars``: the one-row request asks for no more.
+
     Returns:
         ``PredictionLog`` messages.
     """
+    chars = SINGLE_ROW_CHARS if max_chars is None else min(SINGLE_ROW_CHARS, int(max_chars))
     rows = {
         names.PRIME: np.array([b"", b"a"], object),
         names.NUM_CHARS: np.array([2, 1], np.int32),
@@ -45,8 +50,8 @@ def requests(model_name: str) -> list:
     # shapes of a one-row run, the branches that skip top-k and top-p, and a loop long enough
     # to grow the output buffers, none of which the rows above reach.
     single = {
-        names.PRIME: np.array([b"The "], object),
-        names.NUM_CHARS: np.array([SINGLE_ROW_CHARS], np.int32),
+        names.PRIME: np.array([b"The "[:chars]], object),
+        names.NUM_CHARS: np.array([chars], np.int32),
         names.TEMPERATURE: np.array([1.0], np.float32),
         names.TOP_K: np.array([0], np.int32),
         names.TOP_P: np.array([1.0], np.float32),
@@ -66,8 +71,13 @@ def requests(model_name: str) -> list:
     return logs
 
 
-def write(saved_model_dir, model_name: str) -> Path:
+def write(saved_model_dir, model_name: str, max_chars: int | None = None) -> Path:
     """Writes TF Serving's warm-up file into a SavedModel folder.
+
+    Args:
+        saved_model_dir: the SavedModel folder.
+        model_name: the model the requests name.
+        max_chars: the export's cap on ``num_chars`` (``requests``).
 
     Returns:
         The path of the TFRecord file.
@@ -76,6 +86,6 @@ def write(saved_model_dir, model_name: str) -> Path:
     folder.mkdir(exist_ok=True)
     path = folder / names.WARMUP_FILE
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for log in requests(model_name):
+        for log in requests(model_name, max_chars):
             writer.write(log.SerializeToString())
     return path
