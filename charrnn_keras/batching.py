@@ -40,14 +40,18 @@ _WRAPPED = [("max_batch_size", 1, "Int64Value"), ("batch_timeout_micros", 2, "In
 
 # Defaults for this model on a CPU. One generate row is a sequential loop of small matmuls, so a
 # batch of 64 rows costs little more than one row: batches up to 64 (the issue's 64 clients).
-# 2 ms of waiting is short next to a 200-character generation (tens of ms) yet lets concurrent
-# clients meet. Padding to powers of two keeps the shapes oneDNN sees few, at most doubling the
-# (cheap) rows. Two batch threads let a new batch start while a long one runs; 64 batches may
-# queue before requests are refused with UNAVAILABLE, as TF Serving does.
+# Clients that got their answers from one batch come back spread out (each request passes the
+# server's Python and the GIL one at a time), so the batch waits 40 ms for them: 8 clients got
+# more requests/s with 20 ms than 2 to 10 ms, and with 40 ms than 20 (one batch thread). One
+# batch thread: with two, the next batch can start half full beside the running one, on the
+# same cores; with one, requests that arrive meanwhile join the next batch (BENCHMARKS.md,
+# section 4). Padding to powers of two keeps the shapes oneDNN sees few, at most doubling the
+# (cheap) rows; 64 batches may queue before requests are refused with UNAVAILABLE, as TF
+# Serving does. A lone request waits the whole 40 ms: batching is for many clients.
 DEFAULTS = {
     "max_batch_size": 64,
-    "batch_timeout_micros": 2000,
-    "num_batch_threads": 2,
+    "batch_timeout_micros": 40000,
+    "num_batch_threads": 1,
     "max_enqueued_batches": 64,
     "allowed_batch_sizes": [1, 2, 4, 8, 16, 32, 64],
 }
@@ -142,8 +146,9 @@ TF Serving BatchingParameters (session_bundle_config.proto), for
   tensorflow_model_server --enable_batching --batching_parameters_file=<this file>
 or charrnn export --batching_parameters_file <this file> (batching inside the graph; then
 serve without --enable_batching). generate rows are independent, so a batch of up to 64 rows
-costs about one row: wait at most 2 ms for others, pad to powers of two (few shapes), run two
-batches at once, queue up to 64 batches before refusing with UNAVAILABLE."""
+costs little more than one row: wait up to 40 ms for clients to come back, pad to powers of
+two (few shapes), run one batch at a time, queue up to 64 batches before refusing with
+UNAVAILABLE."""
 
 
 def read_parameters(path):

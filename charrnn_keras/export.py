@@ -269,7 +269,7 @@ def export_run(
         # The temporary name is not all digits, so TF Serving never takes a half-written export.
         with atomic.replacing(final, folder=True) as tmp:
             archive.write_out(str(tmp), verbose=False)
-            warmup.write(tmp, model_name)
+            warmup.write(tmp, model_name, max_chars)
     except OSError:  # rename() refuses a non-empty target, so a racing export's version stays
         raise ServingError(
             f"{final} appeared while exporting; versions are never overwritten"

@@ -20,7 +20,7 @@ from charrnn_keras.config import Config, ModelConfig
 from charrnn_keras.errors import CharRNNError
 from charrnn_keras.export import export_run
 from charrnn_keras.sampling import Sampler
-from charrnn_keras.serving import names
+from charrnn_keras.serving import names, warmup
 from charrnn_keras.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,12 +376,12 @@ def test_export_writes_tf_servings_warmup_requests(exported, loaded):
     records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
                for r in tf.data.TFRecordDataset(str(path))]  # fmt: skip
     assert [r.predict_log.request.model_spec.signature_name for r in records] == [
-        names.GENERATE, names.SERVING_DEFAULT]  # fmt: skip
-    for record in records:
+        names.GENERATE, names.SERVING_DEFAULT, names.GENERATE]  # fmt: skip
+    for record, lengths in zip(records, [[2, 1], [2, 1], [warmup.SINGLE_ROW_CHARS]], strict=True):
         request = record.predict_log.request
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
         texts = loaded.signatures[request.model_spec.signature_name](**inputs)[names.TEXT]
-        assert [len(t.decode()) for t in texts.numpy()] == [2, 1]  # every row answered
+        assert [len(t.decode()) for t in texts.numpy()] == lengths  # every row answered
 
 
 def _dead_pid() -> int:

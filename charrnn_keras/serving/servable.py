@@ -39,6 +39,8 @@ _TYPED = {np.dtype(t): field for t, field in [
 MAX_INPUT_ELEMENTS = 4 * 1024 * 1024
 # gRPC reports "no deadline" as about 9e18 seconds left; run those without a Session timeout.
 _NO_DEADLINE_S = 365 * 24 * 3600.0
+# The warm-up runs with a deadline, as clients' requests do (a Session run with RunOptions).
+_WARMUP_DEADLINE_S = 300.0
 
 
 def typed_tensor_proto(value):
@@ -223,10 +225,24 @@ class LoadedVersion:
         version AVAILABLE (``assets.extra/tf_serving_warmup_requests``, PredictionLog records).
 
         The first run of a Session prunes and optimises the graph, which takes far longer than
-        a request; doing it here keeps that off the first client's reply. A SavedModel without
-        the file gets one run of each predict signature on placeholder inputs.
+        a request; doing it here keeps that off the first client's reply. The records go
+        through ``predict`` with a deadline and their outputs through ``typed_tensor_proto``,
+        as a client's request does, so the first request runs no code path, feed conversion or
+        run option that the warm-up did not; they are not counted as outcomes. A SavedModel
+        without the file gets one run of each predict signature on placeholder inputs.
         """
-        _warm_up(self.session, self.signatures, self.path)
+        records = _warmup_records(self.path)
+        if records is None:
+            _warm_up(self.session, self.signatures)
+            return
+        counted, self.outcomes = self.outcomes, Outcomes()  # not yet served: no one else counts
+        try:
+            for request in records:
+                if (request.model_spec.signature_name or names.SERVING_DEFAULT) in self.signatures:
+                    for value in self.predict(request, timeout=_WARMUP_DEADLINE_S).values():
+                        typed_tensor_proto(value)
+        finally:
+            self.outcomes = counted
 
 
 def _load(path: Path, config=None):
@@ -252,11 +268,19 @@ def _max_chars(session, signatures: dict) -> int | None:
         return None
 
 
+def _warmup_records(path: Path) -> list | None:
+    """The PredictRequests of a SavedModel's warm-up file, or None without the file."""
+    records = path / names.WARMUP_DIR / names.WARMUP_FILE
+    if not records.is_file():
+        return None
+    return [prediction_log_pb2.PredictionLog.FromString(raw).predict_log.request
+            for raw in tf.compat.v1.io.tf_record_iterator(str(records))]  # fmt: skip
+
+
 def _warm_up(session, signatures: dict, path: Path | None = None) -> None:
-    records = None if path is None else path / names.WARMUP_DIR / names.WARMUP_FILE
-    if records is not None and records.is_file():
-        for raw in tf.compat.v1.io.tf_record_iterator(str(records)):
-            request = prediction_log_pb2.PredictionLog.FromString(raw).predict_log.request
+    records = None if path is None else _warmup_records(path)
+    if records is not None:
+        for request in records:
             signature = signatures.get(request.model_spec.signature_name or names.SERVING_DEFAULT)
             if signature is None:
                 continue

@@ -176,7 +176,7 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 8500,
     poll_seconds: float = 1.0,
-    max_workers: int = 16,
+    max_workers: int = 64,
     heavy_slots: int = 1,
     max_load_retries: int = MAX_LOAD_RETRIES,
     load_retry_seconds: float = LOAD_RETRY_SECONDS,
@@ -192,7 +192,9 @@ def start_server(
         host: the address to bind; 127.0.0.1 for this machine only, 0.0.0.0 for all.
         port: the port; 0 picks a free one (see ``RunningServer.port``).
         poll_seconds: how often to look for a newly exported version.
-        max_workers: requests handled at the same time.
+        max_workers: requests handled at the same time. A request of a batched export holds
+            a worker while it waits for its batch, so this also bounds the batch: 64, the
+            default batches' largest size (16 made batches of at most 16 rows at 64 clients).
         heavy_slots: long generations run at once (each in a Session of its own); up to
             half of ``max_workers`` more wait, so the other half stays free for short ones.
         max_load_retries: attempts after a failed load (TF Serving's ``--max_num_load_retries``).
