@@ -17,7 +17,8 @@ Every mode builds the model, optimizer and per-replica dataset the way ``charrnn
 records each step's wall time, and the median of the steps after the first ``--warmup`` is the
 mode's step time for that round. In the same processes the all-reduce of one step's gradients
 (a SUM over replicas of tensors shaped like the model's trainable variables) is timed alone:
-that is the communication a step adds. Results go to ``bench/results/distribute_speed_<config>.json``.
+that is the communication a step adds. Results go to
+``bench/results/distribute_speed_<config>.json``.
 """
 
 from __future__ import annotations
