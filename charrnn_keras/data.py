@@ -330,8 +330,7 @@ def make_dataset(ids: np.ndarray, batch_size: int, seq_length: int, replicas=1, 
         )
 
     ds = tf.data.Dataset.range(steps * len(local)).map(batch).prefetch(PREFETCH)
-    # Autotuning off: on a 2-core machine its model-based tuning and the buffer it grows
-    # competed with the training step for the cores, leaving 10-52 s gaps at epoch starts
+    # Autotuning off: with it, epochs on a 2-core machine waited 9-19 s for their first batch
     # (BENCHMARKS.md, "Time between steps"); a gather per batch needs no tuning.
     options = tf.data.Options()
     options.autotune.enabled = False
