@@ -263,7 +263,7 @@ def _callbacks(cfg: Config, run: RunDir, sampler, val, steps: int, best_so_far, 
     ``val`` is ``(validation dataset or None, its steps)``. ``best_so_far`` is the best loss of
     earlier sessions of a resumed run, so that the best checkpoint is only replaced by a
     better one. Every worker runs the same callbacks (a validation is a collective), except
-    the per-epoch sample, which only the chief writes.
+    the per-epoch sample, which only the chief writes: ``sampler`` writes it, None for none.
     """
     t = cfg.train
     val_ds, val_steps = val
