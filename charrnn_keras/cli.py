@@ -7,6 +7,7 @@ line on stderr with exit status 2; library modules log through ``logging``.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 import sys
@@ -41,6 +42,7 @@ def cmd_train(args) -> int:
     data_lib.check_data_path(args.data)
     from charrnn_keras.train import train
 
+    _imports_done()
     result = train(
         cfg,
         data=args.data,
@@ -97,6 +99,7 @@ def cmd_sample(args) -> int:
     )  # fmt: skip
     from charrnn_keras.sampling import Sampler
 
+    _imports_done()
     sampler = Sampler.from_run_dir(run_dir, args.checkpoint)
     prime = sampler.prepare_prime(args.prime, unknown=args.unknown)
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -126,6 +129,7 @@ def cmd_export(args) -> int:
     run_dir, _ = _checked_run(args)
     from charrnn_keras.export import export_run
 
+    _imports_done()
     path = export_run(
         run_dir,
         export_dir=args.export_dir,
@@ -142,6 +146,7 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from charrnn_keras.serving.server import serve
 
+    _imports_done()
     serve(
         args.export_dir,
         args.model_name,
@@ -157,6 +162,7 @@ def cmd_serve(args) -> int:
 def cmd_query(args) -> int:
     from charrnn_keras.serving.client import Client
 
+    _imports_done()
     n = args.num_samples
     with Client(args.server, args.model_name, timeout=args.timeout) as client:
         texts = client.generate(
@@ -197,7 +203,46 @@ def build_parser():
     return flags.build_parser()
 
 
+def _pause_gc() -> None:
+    """Turns the cyclic GC off while TensorFlow and Keras load (``_imports_done`` turns it on).
+
+    Importing them makes about half a million objects, and every collection of the oldest
+    generation walks all of them again: 0.4 to 1 s of a ``charrnn sample``'s start-up on a
+    2-core machine (BENCHMARKS.md, "Start-up"). Only for the process's own command: a caller
+    of ``main(argv)`` keeps its collector as it was.
+    """
+    global _gc_paused
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def _imports_done() -> None:
+    """Moves what the imports made to the permanent generation and turns the GC back on.
+
+    Frozen, those objects are never walked again, so later collections (say, while a graph
+    traces) cost what the command itself allocates; the few cycles the imports left are kept.
+    """
+    global _gc_paused
+    if _gc_paused:
+        gc.freeze()
+        gc.enable()
+        _gc_paused = False
+
+
+_gc_paused = False
+
+
 def main(argv=None) -> int:
+    if argv is None:  # the process's command (the console script), not a caller's
+        _pause_gc()
+    try:
+        return _main(argv)
+    finally:
+        _imports_done()  # a command that ended before its imports
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # A scheduler's `kill` stops training as cleanly as Ctrl-C does.

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin:stdlib"
 BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8: a byte-order mark, not text
+# Batches made ahead of the step: one in flight while the next waits; a batch is a gather.
+PREFETCH = 2
 
 
 @dataclass
@@ -327,8 +329,12 @@ def make_dataset(ids: np.ndarray, batch_size: int, seq_length: int, replicas=1, 
             tf.cast(tf.gather(text, index + 1), tf.int32),
         )
 
-    ds = tf.data.Dataset.range(steps * len(local)).map(batch)
-    return ds.prefetch(tf.data.AUTOTUNE), steps
+    ds = tf.data.Dataset.range(steps * len(local)).map(batch).prefetch(PREFETCH)
+    # Autotuning off: with it, epochs on a 2-core machine waited 9-19 s for their first batch
+    # (BENCHMARKS.md, "Time between steps"); a gather per batch needs no tuning.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options), steps
 
 
 def describe(corpus: Corpus) -> dict:

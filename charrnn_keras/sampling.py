@@ -49,9 +49,14 @@ class Sampler:
         self._owner = None  # the generation that last reset the state
         self._state_vars = [v for layer in rnn_layers(model) for v in layer.states]
         # Fixed signatures: every call passes tensors of these shapes, so each traces once.
-        self._feed = tf.function(self._feed_ids, input_signature=[tf.TensorSpec([None], tf.int32)])
+        # autograph=False: the loops and branches are tf.while_loop / tf.cond already, and
+        # converting Keras's and our Python to check for others took most of the first trace.
+        self._feed = tf.function(
+            self._feed_ids, autograph=False, input_signature=[tf.TensorSpec([None], tf.int32)]
+        )
         self._draw = tf.function(
             self._draw_chunk,
+            autograph=False,
             input_signature=[
                 tf.TensorSpec([], tf.int32),  # the last character fed
                 tf.TensorSpec([], tf.int32),  # how many to draw
@@ -213,7 +218,7 @@ class Sampler:
         self._write_states(states)
         return drawn[0]
 
-    @tf.function
+    @tf.function(autograph=False)
     def _batch(self, rows, count, draw):
         """Generates from ``rows`` of prime ids with explicit state (the stored one is kept)."""
         gen = self.generator

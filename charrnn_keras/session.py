@@ -127,6 +127,8 @@ class Session:
         steps, val_steps: batches per epoch of each split (``val_steps`` 0 without one).
         home: the run directory the user named: ``run``, except on a worker other than the
             chief, whose ``run`` is scratch space.
+        sampler: the per-epoch sample's Sampler, if there is one (the final sample reuses it
+            and its traced draw).
     """
 
     cfg: Config
@@ -143,6 +145,7 @@ class Session:
     steps: int = 0
     val_steps: int = 0
     home: object = None
+    sampler: object = None
 
 
 def start(plan: Plan, held: contextlib.ExitStack, extra_callbacks=()) -> Session:
@@ -234,24 +237,28 @@ def start(plan: Plan, held: contextlib.ExitStack, extra_callbacks=()) -> Session
     run.remove_checkpoints_after(first_epoch * steps)
     best_so_far, _ = run.history_best()
     budget = TimeBudget(cfg.train.max_minutes)
+    sampler = (
+        Sampler(cfg.model, corpus.vocab) if cfg.train.sample_chars and topology.is_chief else None
+    )
     callbacks = [
         *extra_callbacks,
         *_callbacks(
-            cfg, run, corpus.vocab, (val_ds, val_steps), steps, best_so_far, budget, topology
+            cfg, run, sampler, (val_ds, val_steps), steps, best_so_far, budget, topology
         ),  # fmt: skip
         backup,  # last: see RunBackup
     ]
     return Session(cfg, run, model, train_ds, val_ds, first_epoch, backup, budget, callbacks,
-                   topology=topology, steps=steps, val_steps=val_steps, home=home.path)  # fmt: skip
+                   topology=topology, steps=steps, val_steps=val_steps, home=home.path,
+                   sampler=sampler)  # fmt: skip
 
 
-def _callbacks(cfg: Config, run: RunDir, vocab, val, steps: int, best_so_far, budget, topology):
+def _callbacks(cfg: Config, run: RunDir, sampler, val, steps: int, best_so_far, budget, topology):
     """Returns the run's callbacks but the backup, in the order they must run.
 
     ``val`` is ``(validation dataset or None, its steps)``. ``best_so_far`` is the best loss of
     earlier sessions of a resumed run, so that the best checkpoint is only replaced by a
     better one. Every worker runs the same callbacks (a validation is a collective), except
-    the per-epoch sample, which only the chief writes.
+    the per-epoch sample, which only the chief writes: ``sampler`` writes it, None for none.
     """
     t = cfg.train
     val_ds, val_steps = val
@@ -288,10 +295,10 @@ def _callbacks(cfg: Config, run: RunDir, vocab, val, steps: int, best_so_far, bu
         keras.callbacks.CSVLogger(str(run.history), append=True),
         keras.callbacks.TensorBoard(str(run.logs), write_graph=False, profile_batch=0),
     ]
-    if t.sample_chars and topology.is_chief:
+    if sampler is not None:
         records.append(
             SampleText(
-                Sampler(cfg.model, vocab),
+                sampler,
                 min(t.sample_chars, 200),
                 log_dir=run.logs / "samples",
                 seed=t.seed,

@@ -21,7 +21,7 @@ import tensorflow as tf
 from charrnn_keras.config import Config
 from charrnn_keras.distribute import agree, config_facts, make_topology
 from charrnn_keras.errors import DistributeError, Interrupted, TrainingStopped
-from charrnn_keras.rundir import Status, periodic_checkpoints
+from charrnn_keras.rundir import Status, find_checkpoint, load_weights, periodic_checkpoints
 from charrnn_keras.sampling import Sampler
 from charrnn_keras.session import SAMPLE_TEMPERATURE, Session, prepare, start
 
@@ -238,7 +238,7 @@ def finish(session: Session) -> TrainResult:
     sample = ""
     wrote_weights = s.run.best.exists() or periodic_checkpoints(s.run.path)
     if t.sample_chars and s.topology.is_chief and wrote_weights:
-        sample = Sampler.from_run_dir(s.run.path).sample(
+        sample = _final_sampler(s).sample(
             "", t.sample_chars, temperature=SAMPLE_TEMPERATURE, seed=t.seed
         )
     return TrainResult(
@@ -249,3 +249,15 @@ def finish(session: Session) -> TrainResult:
         sample=sample,
         stopped_early=stopped,
     )
+
+
+def _final_sampler(s: Session) -> Sampler:
+    """The per-epoch sample's Sampler with the checkpoint ``charrnn sample`` would load.
+
+    Reused rather than built again from the run directory: a second model and a second trace
+    of its draw cost more than the sample itself.
+    """
+    if s.sampler is None:
+        return Sampler.from_run_dir(s.run.path)
+    load_weights(s.sampler.model, find_checkpoint(s.run.path), s.sampler.vocab)
+    return s.sampler

@@ -7,6 +7,7 @@ seconds, so each case here is one a user meets.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_CONFIG, TINY_TEXT
 
+from charrnn_keras import cli
 from charrnn_keras.rundir import newest_run, next_in_series
 
 
@@ -201,3 +203,27 @@ def test_readme_refusals_are_the_whole_stderr(tmp_path, tiny_run, setup, status,
     line = proc.stderr.removesuffix("\n")
     assert proc.stderr == line + "\n" and "\n" not in line, proc.stderr  # the whole of stderr
     assert line.startswith(f"charrnn {argv[0]}: error: ") and words in line, line
+
+
+def test_collector_paused_for_the_imports_only_when_main_is_the_command(tmp_path, monkeypatch):
+    """The console script's main() loads TensorFlow with the GC off, then freezes and turns it
+    back on; main(argv) called by a program leaves that program's collector alone."""
+    seen = []
+    checked_run = cli._checked_run
+
+    def recording(args):
+        seen.append(gc.isenabled())
+        return checked_run(args)
+
+    monkeypatch.setattr(cli, "_checked_run", recording)
+    missing = ["sample", "--run-dir", str(tmp_path / "missing")]
+    frozen = gc.get_freeze_count()
+    assert cli.main(missing) == 2
+    assert seen == [True] and gc.isenabled() and gc.get_freeze_count() == frozen
+
+    monkeypatch.setattr(sys, "argv", ["charrnn", *missing])
+    try:
+        assert cli.main() == 2  # refused before its imports: the collector is back on anyway
+        assert seen == [True, False] and gc.isenabled()
+    finally:
+        gc.unfreeze()

@@ -42,6 +42,13 @@ def test_dataset_yields_the_layout_in_order(dtype):
     np.testing.assert_array_equal(batches[1][0][0], ids[4:8])
 
 
+def test_dataset_runs_without_autotuning():
+    """No tf.data autotuning: on 2 cores its tuning stalled epoch starts for seconds
+    (BENCHMARKS.md, "Time between steps")."""
+    ds, _ = data_lib.make_dataset(np.arange(400) % 7, batch_size=4, seq_length=5, replicas=2)
+    assert ds.options().autotune.enabled is False
+
+
 def test_vocab_json_round_trip(tmp_path):
     vocab, ids = Vocab.from_codepoints(np.array([ord(c) for c in "héllo wörld\n"]))
     path = tmp_path / "vocab.json"

@@ -350,3 +350,31 @@ def test_run_json_says_which_path_trained(tiny_run):
     compute = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))["compute"]
     assert compute["layer"] == "FastLSTM" and compute["matmul_dtype"] == "float32"
     assert compute["intra_op_threads"] >= 1 and compute["inter_op_threads"] >= 1
+
+
+def test_final_sample_reuses_the_epoch_sampler_with_the_best_weights(tmp_path, monkeypatch):
+    """The sample after training is ``charrnn sample``'s text from the best checkpoint, drawn by
+    the per-epoch sample's Sampler: no second model, no second trace of the draw."""
+    from charrnn_keras import sampling
+    from charrnn_keras import train as train_lib
+    from charrnn_keras.session import SAMPLE_TEMPERATURE
+
+    built = []
+    init = sampling.Sampler.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(sampling.Sampler, "__init__", counting)
+    data = tmp_path / "corpus.txt"
+    data.write_text(TINY_TEXT, encoding="utf-8")
+    cfg = load_config(TINY_CONFIG, ["train.epochs=2", "train.sample_chars=30"])
+    result = train_lib.train(cfg, data=str(data), run_dir=tmp_path / "run", verbose=0)
+    # One Sampler, its draw traced once over two epochs' samples and the final one.
+    assert len(built) == 1 and built[0]._draw.experimental_get_tracing_count() == 1
+    monkeypatch.undo()
+    alone = sampling.Sampler.from_run_dir(tmp_path / "run").sample(
+        "", 30, temperature=SAMPLE_TEMPERATURE, seed=cfg.train.seed
+    )
+    assert result.sample == alone
