@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+# A shell without job control starts a background job (`make test &`, a CI runner's script)
+# with SIGINT ignored, and an ignored signal stays ignored in every child: the Ctrl-C tests'
+# `charrnn` processes would never see it. A handler of our own is reset by exec instead.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 
