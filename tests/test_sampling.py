@@ -311,9 +311,9 @@ def test_draws_follow_the_softmax_and_rows_are_their_seed_alone():
 
     logits = tf.constant([[2.0, 1.0, 0.0, -1.0, 0.5]])
     probs = tf.nn.softmax(logits)[0].numpy()
-    n = 4000
-    drawn = np.array([int(draw_next(logits, 1.0, 0, tf.constant([7, 0], tf.int64), i)[0])
-                      for i in range(n)])  # fmt: skip
+    n = 4000  # rows of one call, each its own seed: as independent as positions of one seed
+    seeds = tf.stack([tf.range(n, dtype=tf.int64), tf.zeros([n], tf.int64)], axis=1)
+    drawn = draw_next(tf.tile(logits, [n, 1]), [1.0] * n, 0, seeds, 3).numpy()
     freq = np.bincount(drawn, minlength=5) / n
     sigma = np.sqrt(probs * (1 - probs) / n)
     assert np.all(np.abs(freq - probs) < 4 * sigma), (freq, probs)
