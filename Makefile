@@ -57,6 +57,7 @@ MONITORING_FLAG = $(if $(MONITORING_CONFIG),--monitoring_config_file=$(abspath $
 serve: $(STAMP)  ## serve export/ on PORT (gRPC) and REST_PORT: tensorflow_model_server if installed, else ours
 	@if command -v tensorflow_model_server >/dev/null; then \
 		tensorflow_model_server --port=$(PORT) --rest_api_port=$(REST_PORT) $(MONITORING_FLAG) \
+			--tensorflow_intra_op_parallelism=1 \
 			--model_config_file=$(abspath $(EXPORT_DIR))/models.config \
 			$(if $(filter 1,$(BATCHING)),--enable_batching \
 			--batching_parameters_file=$(abspath $(EXPORT_DIR))/batching_parameters.txt); \

@@ -10,7 +10,8 @@ One random-weight 2 x 512 run (speed does not depend on the weights) is exported
 with ``--batching_parameters_file`` (TensorFlow's BatchFunction in the graph, the export's
 default parameters, ``batching.DEFAULTS``); each ``--variant NAME=field:value,...`` exports
 it once more with those BatchingParameters fields changed (``grpc_threads:N`` sets the
-server's gRPC worker threads instead, ``batching:0`` serves the export without batching).
+server's gRPC worker threads instead, ``intra:N`` its intra-op threads, ``batching:0``
+serves the export without batching).
 Every export is served by its own ``charrnn serve`` server in a process of its own on
 loopback. Clients send 200-character ``generate`` requests one after another, all at once,
 from client processes of their own (``grpc_load.py``: gRPC only, requests serialized up front)
@@ -41,11 +42,13 @@ from charrnn_keras import batching
 from charrnn_keras.export import export_run
 from charrnn_keras.serving import names
 from charrnn_keras.serving.client import Client, RequestFailed
+from charrnn_keras.serving.servable import INTRA_OP_THREADS
 
 PLAIN, BATCHED = "no batching", "batching (defaults)"
 _SERVE = """import sys
 from charrnn_keras.serving.server import start_server
-start_server(sys.argv[1], sys.argv[2], port=int(sys.argv[3]), max_workers=int(sys.argv[4])).wait()
+start_server(sys.argv[1], sys.argv[2], port=int(sys.argv[3]), max_workers=int(sys.argv[4]),
+             intra_op_threads=int(sys.argv[5])).wait()
 """
 
 
@@ -78,10 +81,12 @@ def export_variant(tmp: Path, name: str, fields: dict) -> Path:
     return out
 
 
-def start_server(export_dir: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    """``charrnn serve``'s start_server in a subprocess with ``workers`` gRPC threads."""
+def start_server(export_dir: Path, workers: int, intra: int) -> tuple[subprocess.Popen, str]:
+    """``charrnn serve``'s start_server in a subprocess with ``workers`` gRPC threads and
+    ``intra`` intra-op threads."""
     port = speed.free_port()
-    cmd = [sys.executable, "-c", _SERVE, str(export_dir), speed.MODEL, str(port), str(workers)]
+    cmd = [sys.executable, "-c", _SERVE, str(export_dir), speed.MODEL, str(port), str(workers),
+           str(intra)]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     with Client(address, speed.MODEL, timeout=5) as client:
@@ -169,18 +174,20 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        intra = INTRA_OP_THREADS
         exports = {
-            PLAIN: (speed.make_export(tmp, 512), args.grpc_threads),
-            BATCHED: (export_variant(tmp, BATCHED, {}), args.grpc_threads),
+            PLAIN: (speed.make_export(tmp, 512), args.grpc_threads, intra),
+            BATCHED: (export_variant(tmp, BATCHED, {}), args.grpc_threads, intra),
         }
         for name, fields in args.variant:
             threads = fields.pop("grpc_threads", args.grpc_threads)
+            intra = fields.pop("intra", INTRA_OP_THREADS)
             if fields.pop("batching", 1) == 0:
                 path = exports[PLAIN][0]
             else:
                 path = export_variant(tmp, name, fields) if fields else exports[BATCHED][0]
-            exports[name] = (path, threads)
-        servers = {name: start_server(path, threads) for name, (path, threads) in exports.items()}
+            exports[name] = (path, threads, intra)
+        servers = {name: start_server(*spec) for name, spec in exports.items()}
         try:
             for clients in args.clients:
                 loads = {name: Load(address, clients, args.processes, args.requests, args.chars)

@@ -100,6 +100,9 @@ def cmd_sample(args) -> int:
     from charrnn_keras.sampling import Sampler
 
     _imports_done()
+    # One character at a time is a chain of small ops: a second intra-op thread costs more to
+    # wake than it saves (2 x 512: 1.5x to 1.8x the characters/s with one; BENCHMARKS.md, 3).
+    startup.pin_threads(1, 0)
     sampler = Sampler.from_run_dir(run_dir, args.checkpoint)
     prime = sampler.prepare_prime(args.prime, unknown=args.unknown)
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -155,6 +158,8 @@ def cmd_serve(args) -> int:
         rest_api_port=args.rest_api_port or None,  # 0 is off, as in tensorflow_model_server
         monitoring_config_file=args.monitoring_config_file,
         model_config_file=args.model_config_file,
+        intra_op_threads=args.tensorflow_intra_op_parallelism,
+        inter_op_threads=args.tensorflow_inter_op_parallelism,
     )
     return 0
 

@@ -229,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="TF Serving ModelServerConfig text file (e.g. export/models.config): the model's "
         "base_path, model_version_policy and version_labels",
     )
+    p.add_argument(
+        "--tensorflow_intra_op_parallelism",
+        "--tensorflow-intra-op-parallelism",
+        type=_number("int32", 0),
+        default=1,
+        help="threads within one op (0 = one per core, TF Serving's default; 1 is faster "
+        "for this model's small matmuls, see BENCHMARKS.md)",
+    )
+    p.add_argument(
+        "--tensorflow_inter_op_parallelism",
+        "--tensorflow-inter-op-parallelism",
+        type=_number("int32", 0),
+        default=0,
+        help="threads running ops side by side (0 = one per core)",
+    )
     p.set_defaults(command="serve")
 
     p = sub.add_parser("query", help="ask a TF Serving server for text")

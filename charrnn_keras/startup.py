@@ -1,4 +1,5 @@
-"""Process start-up for the CLI: our log format, and TensorFlow loaded without its start-up lines.
+"""Process start-up for the CLI: our log format, TensorFlow loaded without its start-up lines,
+and its thread pools set before it starts.
 
 Every ``charrnn`` command's output is ours alone: TensorFlow's, absl's and Keras's notes speak to
 their own developers, so they are shown only with ``-v`` (or TensorFlow's own variables asking
@@ -14,6 +15,8 @@ import logging
 import os
 import sys
 import tempfile
+
+log = logging.getLogger(__name__)
 
 
 def configure_logging(verbose: bool) -> None:
@@ -69,6 +72,28 @@ class _HeldLoader(importlib.abc.Loader):
         with _stderr_held():
             self.loader.exec_module(module)
             module.config.list_physical_devices()
+
+
+def pin_threads(intra_op_threads: int, inter_op_threads: int) -> bool:
+    """Sets the process's intra- and inter-op threads, if TensorFlow has not started yet.
+
+    Args:
+        intra_op_threads: threads within one op (0: one per core).
+        inter_op_threads: threads running independent ops (0: one per core).
+
+    Returns:
+        Whether they were set: False once the process has run TensorFlow (e.g. a server
+        started inside a test), whose pools then stay as they are.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+    except RuntimeError:
+        log.debug("TensorFlow already started; its thread pools stay as they are")
+        return False
+    return True
 
 
 def _quiet_tensorflow(verbose: bool) -> None:

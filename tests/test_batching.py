@@ -334,6 +334,22 @@ def test_model_version_policies(four_versions, tmp_path, policy, served):
         manager.close()
 
 
+def test_served_sessions_get_the_servers_threads(four_versions):
+    from charrnn_keras.serving.versions import ModelManager
+
+    # TensorFlow keeps a process's first intra-op pool, so the config is what can be checked.
+    manager = ModelManager(four_versions, "charrnn", intra_op_threads=3, inter_op_threads=2)
+    try:
+        loaded = manager.current
+        assert loaded.session._config.intra_op_parallelism_threads == 3
+        assert loaded.session._config.inter_op_parallelism_threads == 2
+        lane = loaded._lane_session()  # a heavy lane Session: the same intra-op threads
+        assert lane._config.intra_op_parallelism_threads == 3
+        lane.close()
+    finally:
+        manager.close()
+
+
 def test_a_label_on_a_version_not_served_is_refused(four_versions, tmp_path):
     from charrnn_keras import cli
 

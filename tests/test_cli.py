@@ -61,8 +61,13 @@ def text(tmp_path) -> Path:
         (["sample", "--bogus"], "charrnn", ["unrecognized arguments: --bogus", "--help"]),
         ([], "charrnn", ["required: command"]),
         (["sample", "-n", "many"], "charrnn sample", ["--num-chars", "'many'"]),
+        (
+            ["serve", "--tensorflow_intra_op_parallelism", "-1"],
+            "charrnn serve",
+            ["--tensorflow_intra_op_parallelism", "-1"],
+        ),  # fmt: skip
     ],
-    ids=["unknown-flag", "missing-command", "bad-int"],
+    ids=["unknown-flag", "missing-command", "bad-int", "negative-threads"],
 )
 def test_usage_error_is_one_line(tmp_path, args, prefix, fragments):
     assert_one_error_line(charrnn(*args, cwd=tmp_path), prefix, *fragments)

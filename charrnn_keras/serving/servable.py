@@ -41,6 +41,12 @@ MAX_INPUT_ELEMENTS = 4 * 1024 * 1024
 _NO_DEADLINE_S = 365 * 24 * 3600.0
 # The warm-up runs with a deadline, as clients' requests do (a Session run with RunOptions).
 _WARMUP_DEADLINE_S = 300.0
+# Threads within one op (TF Serving's --tensorflow_intra_op_parallelism). One: a generate step
+# is a few [rows, units] x [units, 4 units] matmuls, too small to gain from a second thread but
+# not from the wake-up it costs, and concurrent requests (or batches) already fill the cores
+# through the inter-op pool. On the 2-core VM one thread gave 1.8x the requests/s of the default
+# at 8 clients without batching and 1.7x with it, the same text (BENCHMARKS.md, section 4).
+INTRA_OP_THREADS = 1
 
 
 def typed_tensor_proto(value):
@@ -78,13 +84,17 @@ class LoadedVersion:
         heavy_queue: long generations that may wait for a slot; more are refused.
         heavy_cost: rows x (characters + prime bytes) above which a generation is long.
         outcomes: where each request's outcome is counted (default: a new Outcomes).
+        intra_op_threads: threads within one op (0: TensorFlow's choice, one per core).
+        inter_op_threads: threads running ops side by side (0: TensorFlow's choice).
     """
 
     def __init__(self, path: Path, version: int, heavy_slots: int = 1, heavy_queue: int = 8,
-                 heavy_cost: int = HEAVY_COST, outcomes: Outcomes | None = None):  # fmt: skip
+                 heavy_cost: int = HEAVY_COST, outcomes: Outcomes | None = None,
+                 intra_op_threads: int = INTRA_OP_THREADS, inter_op_threads: int = 0):  # fmt: skip
         self.path, self.version, self.heavy_cost = path, version, heavy_cost
         self.outcomes = outcomes or Outcomes()
-        self.session, meta = _load(path)
+        self._threads = (intra_op_threads, inter_op_threads)
+        self.session, meta = _load(path, session_config(*self._threads))
         self.signatures = dict(meta.signature_def)
         self._lock = threading.Lock()
         self._users, self._retired = 0, False
@@ -103,7 +113,7 @@ class LoadedVersion:
 
     def _lane_session(self):
         """A Session for the heavy lane: a one-thread inter-op pool of its own, warmed up."""
-        config = tf.compat.v1.ConfigProto()
+        config = session_config(self._threads[0], 0)
         config.session_inter_op_thread_pool.add(num_threads=1)
         session, _ = _load(self.path, config)
         _warm_up(session, {names.GENERATE: self.signatures[names.GENERATE]}, self.path)
@@ -243,6 +253,24 @@ class LoadedVersion:
                         typed_tensor_proto(value)
         finally:
             self.outcomes = counted
+
+
+def session_config(intra_op_threads: int, inter_op_threads: int):
+    """The ConfigProto of a served Session, as TF Serving builds it from its two flags.
+
+    TensorFlow gives every Session of a process the intra-op pool of the first one created (or
+    of the eager context, if it came first), so the server also sets the process's threads
+    before it loads anything (``startup.pin_threads``).
+
+    Args:
+        intra_op_threads: threads within one op (0: one per core).
+        inter_op_threads: threads running independent ops (0: one per core).
+
+    Returns:
+        The ``tf.compat.v1.ConfigProto``.
+    """
+    return tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads,
+                                    inter_op_parallelism_threads=inter_op_threads)  # fmt: skip
 
 
 def _load(path: Path, config=None):

@@ -22,12 +22,13 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc as model_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc as prediction_grpc
 
+from charrnn_keras import startup
 from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
 from charrnn_keras.serving.lanes import Call, RequestError
 from charrnn_keras.serving.metrics import Metrics, prometheus_path
 from charrnn_keras.serving.policy import read_model_config
-from charrnn_keras.serving.servable import typed_tensor_proto
+from charrnn_keras.serving.servable import INTRA_OP_THREADS, typed_tensor_proto
 from charrnn_keras.serving.versions import LOAD_RETRY_SECONDS, MAX_LOAD_RETRIES, ModelManager
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ def start_server(
     rest_api_port: int | None = None,
     monitoring_config_file=None,
     model_config_file=None,
+    intra_op_threads: int = INTRA_OP_THREADS,
+    inter_op_threads: int = 0,
 ) -> RunningServer:
     """Loads the highest version of a model and starts serving it (returns at once).
 
@@ -206,6 +209,10 @@ def start_server(
         model_config_file: a ModelServerConfig text proto, TF Serving's ``--model_config_file``
             (e.g. ``export/models.config``): the model's base_path, model_version_policy and
             version_labels (``policy``); default: the highest version under export_dir.
+        intra_op_threads: threads within one op (TF Serving's
+            ``--tensorflow_intra_op_parallelism``; 0 is one per core).
+        inter_op_threads: threads running ops side by side
+            (``--tensorflow_inter_op_parallelism``; 0 is one per core).
 
     Returns:
         The RunningServer.
@@ -214,10 +221,12 @@ def start_server(
     if metrics_path is not None and rest_api_port is None:
         raise ServingError("the Prometheus metrics are served on the REST port: set a REST port")
     config = None if model_config_file is None else read_model_config(model_config_file, model_name)
+    startup.pin_threads(intra_op_threads, inter_op_threads)
     manager = ModelManager(
         export_dir, model_name, max_load_retries=max_load_retries,
         load_retry_seconds=load_retry_seconds, heavy_slots=heavy_slots,
         heavy_queue=max(1, max_workers // 2 - heavy_slots), policy=config,
+        intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
     )  # fmt: skip
     # Without SO_REUSEPORT a second server on a taken port fails instead of sharing it silently.
     server = grpc.server(
@@ -256,12 +265,15 @@ def start_server(
 
 def serve(export_dir="export", model_name: str = "charrnn", host="127.0.0.1", port=8500,
           rest_api_port: int | None = None, monitoring_config_file=None,
-          model_config_file=None) -> None:  # fmt: skip
+          model_config_file=None, intra_op_threads: int = INTRA_OP_THREADS,
+          inter_op_threads: int = 0) -> None:  # fmt: skip
     """Serves until interrupted; see ``start_server`` for the arguments."""
     running = start_server(export_dir, model_name, host=host, port=port,
                            rest_api_port=rest_api_port,
                            monitoring_config_file=monitoring_config_file,
-                           model_config_file=model_config_file)  # fmt: skip
+                           model_config_file=model_config_file,
+                           intra_op_threads=intra_op_threads,
+                           inter_op_threads=inter_op_threads)  # fmt: skip
     try:
         running.wait()
     finally:

@@ -35,7 +35,7 @@ from charrnn_keras.errors import ServingError
 from charrnn_keras.serving import names
 from charrnn_keras.serving.lanes import Outcomes, RequestError
 from charrnn_keras.serving.policy import ModelPolicy, check_labels
-from charrnn_keras.serving.servable import LoadedVersion
+from charrnn_keras.serving.servable import INTRA_OP_THREADS, LoadedVersion
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,16 @@ class ModelManager:
         load_retry_seconds: seconds between attempts (TF Serving's default 60).
         heavy_slots: long generations run at once per version (see ``LoadedVersion``).
         heavy_queue: long generations that may wait for a slot.
+        intra_op_threads: each version's threads within one op (see ``LoadedVersion``).
+        inter_op_threads: each version's threads running ops side by side.
         clock: the monotonic clock retries are timed with.
         policy: which versions to serve and their labels (default: the highest version).
     """
 
     def __init__(self, export_dir, model_name: str, max_load_retries: int = MAX_LOAD_RETRIES,
                  load_retry_seconds: float = LOAD_RETRY_SECONDS, heavy_slots: int = 1,
-                 heavy_queue: int = 8, clock=time.monotonic,
+                 heavy_queue: int = 8, intra_op_threads: int = INTRA_OP_THREADS,
+                 inter_op_threads: int = 0, clock=time.monotonic,
                  policy: ModelPolicy | None = None):  # fmt: skip
         self.model_name = names.check_model_name(model_name)
         self.policy = policy or ModelPolicy()
@@ -111,7 +114,9 @@ class ModelManager:
                 f"(charrnn export)"
             )
         self.max_load_retries, self.load_retry_seconds = max_load_retries, load_retry_seconds
-        self._heavy = {"heavy_slots": heavy_slots, "heavy_queue": heavy_queue}
+        self._version_args = {"heavy_slots": heavy_slots, "heavy_queue": heavy_queue,
+                              "intra_op_threads": intra_op_threads,
+                              "inter_op_threads": inter_op_threads}  # fmt: skip
         self._clock = clock
         self.outcomes = Outcomes()
         self._lock, self._refresh_lock = threading.Lock(), threading.Lock()
@@ -174,7 +179,7 @@ class ModelManager:
             record = self._records.setdefault(version, _Record(_STATE.START))
             record.state = _STATE.LOADING
         try:
-            loaded = LoadedVersion(path, version, outcomes=self.outcomes, **self._heavy)
+            loaded = LoadedVersion(path, version, outcomes=self.outcomes, **self._version_args)
             loaded.warm_up()
         except Exception as e:  # a broken version must not stop the one already served
             with self._lock:
