@@ -143,6 +143,25 @@ class RunBackup(keras.callbacks.Callback):
                 tmp.unlink(missing_ok=True)
         return epoch
 
+    def resumable_epoch(self) -> int:
+        """The whole epochs a rerun would resume after, read from the backup it restores.
+
+        On a worker other than the chief that is the chief's backup, which can be an epoch
+        ahead of this worker's own ``saved_epoch`` when the chief stopped at an epoch end.
+
+        Returns:
+            The epoch of the newest metadata under ``restore_from`` that reads, else
+            ``saved_epoch``.
+        """
+        for _, meta in self._pairs(self.restore_from):
+            try:
+                epoch = json.loads(meta.read_text(encoding="utf-8"))["epoch"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0:
+                return epoch
+        return self.saved_epoch
+
     def discard(self) -> None:
         """Deletes the backup (call once the run is recorded as finished)."""
         shutil.rmtree(self.backup_dir, ignore_errors=True)

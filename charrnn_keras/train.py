@@ -181,8 +181,9 @@ def fit_run(session: Session, verbose: int = 1) -> None:
     except tf.errors.OpError as e:
         if s.topology.workers == 1:
             raise
-        # A worker that died or cannot be reached fails the collectives of all the others.
-        done = s.backup.saved_epoch
+        # A worker that died or cannot be reached fails the collectives of all the others. The
+        # rerun resumes from the chief's backup, so that is the epoch to name.
+        done = s.backup.resumable_epoch()
         s.run.record(Status.INTERRUPTED, epochs_done=done)
         raise DistributeError(
             f"worker {s.topology.worker}: training stopped in epoch {done + 1}: another worker "

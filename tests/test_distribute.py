@@ -79,6 +79,26 @@ def test_backup_from_another_replica_count_is_refused(tmp_path):
     assert same.restore() == 1
 
 
+def test_a_worker_names_the_epoch_of_the_chiefs_backup(tmp_path):
+    """A non-chief's stop line names the epoch the rerun resumes from: the chief's backup's,
+    which is an epoch ahead of the worker's own when the chief stopped at an epoch end."""
+    from charrnn_keras.backup import RunBackup
+    from charrnn_keras.model import build_model, compile_model
+
+    cfg = load_config(TINY_CONFIG)
+    model = build_model(cfg.model, 10, 4, 8)
+    compile_model(model, cfg.train)
+    chief = tmp_path / "chief"
+    worker = RunBackup(tmp_path / "worker", replicas=2, restore_from=chief)
+    worker.set_model(model)
+    assert worker.restore() == 0 and worker.resumable_epoch() == 0
+    worker.on_epoch_begin(0)
+    worker.on_epoch_end(0, {"loss": 1.0})
+    chief.mkdir()
+    (chief / "training_metadata.json").write_text('{"epoch": 2, "replicas": 2}')
+    assert worker.saved_epoch == 1 and worker.resumable_epoch() == 2
+
+
 def test_mirrored_on_two_cpu_devices_matches_one_device(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TINY_TEXT * 2, encoding="utf-8")

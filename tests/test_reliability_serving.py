@@ -39,8 +39,8 @@ from charrnn_keras import cli
 from charrnn_keras.export import export_run
 from charrnn_keras.serving import names
 from charrnn_keras.serving.client import Client
-from charrnn_keras.serving.servable import MAX_INPUT_ELEMENTS
 from charrnn_keras.serving.server import start_server
+from charrnn_keras.serving.tensors import MAX_INPUT_ELEMENTS
 
 MODEL = "charrnn"  # as in test_serving, whose generate_request is reused
 REPO = Path(__file__).resolve().parents[1]

@@ -413,6 +413,41 @@ def test_only_version_broken_reports_why_and_load_retries(tmp_path, monkeypatch)
         manager.close()
 
 
+def test_a_version_whose_warm_up_fails_is_not_served_and_frees_its_sessions(
+    tiny_run, tmp_path, monkeypatch
+):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from charrnn_keras.serving import versions
+
+    export_dir = tmp_path / "export"
+    version = export_run(tiny_run, export_dir, MODEL)
+    log = prediction_log_pb2.PredictionLog()
+    log.predict_log.request.CopyFrom(generate_request(**{names.PRIME: np.array([7], np.int32)}))
+    with tf.io.TFRecordWriter(str(version / names.WARMUP_DIR / names.WARMUP_FILE)) as writer:
+        writer.write(log.SerializeToString())
+    made = []
+    real = versions.LoadedVersion
+
+    def recorded(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(versions, "LoadedVersion", recorded)
+    # No heavy lane: its Sessions replay the warm-up inside LoadedVersion's own constructor.
+    manager = versions.ModelManager(export_dir, MODEL, heavy_slots=0)
+    try:
+        spec = predict_pb2.PredictRequest().model_spec
+        spec.name = MODEL
+        (status,) = manager.status(spec)
+        assert status.status.error_code != 0 and "prime" in status.status.error_message
+        max_chars = made[0].signatures[names.METADATA].outputs[names.MAX_CHARS].name
+        with pytest.raises(RuntimeError, match="closed Session"):
+            made[0].session.run(max_chars)
+    finally:
+        manager.close()
+
+
 def test_versions_that_do_not_fit_int64_are_ignored(tiny_run, tmp_path):
     """Issue 15, item 5: TF Serving skips folders that do not parse as an int64."""
     from charrnn_keras.serving.versions import ModelManager

@@ -21,22 +21,12 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from charrnn_keras.serving import names
+from charrnn_keras.serving import names, tensors
 from charrnn_keras.serving.lanes import HEAVY_COST, Call, HeavyLane, Outcomes, RequestError
 
 log = logging.getLogger(__name__)
 
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}  # TF error codes are gRPC's
-_TYPED = {np.dtype(t): field for t, field in [
-    (np.float32, "float_val"), (np.float64, "double_val"), (np.int32, "int_val"),
-    (np.int16, "int_val"), (np.int8, "int_val"), (np.uint8, "int_val"), (np.int64, "int64_val"),
-    (np.bool_, "bool_val")]}  # fmt: skip
-# The most elements one request input may declare. A TensorProto may declare a larger shape than
-# the values it carries (the last value fills the rest, as in TF's Tensor::FromProto), so without
-# a cap a few bytes could make the server allocate gigabytes. gRPC's default 4 MiB request limit
-# carries at most this many elements written out (1 byte each), so no honest request is refused.
-MAX_INPUT_ELEMENTS = 4 * 1024 * 1024
 # gRPC reports "no deadline" as about 9e18 seconds left; run those without a Session timeout.
 _NO_DEADLINE_S = 365 * 24 * 3600.0
 # The warm-up runs with a deadline, as clients' requests do (a Session run with RunOptions).
@@ -47,27 +37,6 @@ _WARMUP_DEADLINE_S = 300.0
 # through the inter-op pool. On the 2-core VM one thread gave 1.8x the requests/s of the default
 # at 8 clients without batching and 1.7x with it, the same text (BENCHMARKS.md, section 4).
 INTRA_OP_THREADS = 1
-
-
-def typed_tensor_proto(value):
-    """Returns a TensorProto with values in typed fields (float_val, string_val, ...).
-
-    Args:
-        value: a numpy array or scalar, as ``Session.run`` returns it.
-
-    Returns:
-        The TensorProto, filled the way TF Serving fills responses (not ``tensor_content``).
-    """
-    array = np.asarray(value)
-    field = _TYPED.get(array.dtype)
-    if field is None:  # strings are typed already; anything rarer keeps make_tensor_proto's form
-        return tf.make_tensor_proto(array)
-    proto = tf.make_tensor_proto(np.zeros([0], array.dtype))
-    proto.ClearField("tensor_content")
-    proto.tensor_shape.Clear()
-    proto.tensor_shape.dim.extend(proto.tensor_shape.Dim(size=n) for n in array.shape)
-    getattr(proto, field).extend(array.ravel().tolist())
-    return proto
 
 
 class LoadedVersion:
@@ -181,7 +150,7 @@ class LoadedVersion:
                 f"Sent extra: {{{','.join(sorted(sent - wanted))}}}. "
                 f"Missing but required: {{{','.join(sorted(wanted - sent))}}}.",
             )
-        arrays = {alias: _input_array(alias, request.inputs[alias], info)
+        arrays = {alias: tensors.input_array(alias, request.inputs[alias], info)
                   for alias, info in signature.inputs.items()}  # fmt: skip
         feed = {signature.inputs[alias].name: array for alias, array in arrays.items()}
         aliases = list(request.output_filter) or sorted(signature.outputs)
@@ -215,9 +184,9 @@ class LoadedVersion:
                 # A lane Session runs one request at a time, so its timeout fails no one else.
                 out = self.session.run(fetches, feed, options=None if self.batched else options)
         except tf.errors.OpError as e:
-            code = _CODES.get(e.error_code, grpc.StatusCode.UNKNOWN)
+            code = tensors.CODES.get(e.error_code, grpc.StatusCode.UNKNOWN)
             self.outcomes.add("deadline" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "failed")
-            raise RequestError(code, _clean_message(e.message)) from None
+            raise RequestError(code, tensors.clean_message(e.message)) from None
         self.outcomes.add("completed")
         return out
 
@@ -236,10 +205,11 @@ class LoadedVersion:
 
         The first run of a Session prunes and optimises the graph, which takes far longer than
         a request; doing it here keeps that off the first client's reply. The records go
-        through ``predict`` with a deadline and their outputs through ``typed_tensor_proto``,
-        as a client's request does, so the first request runs no code path, feed conversion or
-        run option that the warm-up did not; they are not counted as outcomes. A SavedModel
-        without the file gets one run of each predict signature on placeholder inputs.
+        through ``predict`` with a deadline and their outputs through
+        ``tensors.typed_tensor_proto``, as a client's request does, so the first request runs
+        no code path, feed conversion or run option that the warm-up did not; they are not
+        counted as outcomes. A SavedModel without the file gets one run of each predict
+        signature on placeholder inputs.
         """
         records = _warmup_records(self.path)
         if records is None:
@@ -250,7 +220,7 @@ class LoadedVersion:
             for request in records:
                 if (request.model_spec.signature_name or names.SERVING_DEFAULT) in self.signatures:
                     for value in self.predict(request, timeout=_WARMUP_DEADLINE_S).values():
-                        typed_tensor_proto(value)
+                        tensors.typed_tensor_proto(value)
         finally:
             self.outcomes = counted
 
@@ -312,7 +282,7 @@ def _warm_up(session, signatures: dict, path: Path | None = None) -> None:
             signature = signatures.get(request.model_spec.signature_name or names.SERVING_DEFAULT)
             if signature is None:
                 continue
-            feed = {info.name: _input_array(alias, request.inputs[alias], info)
+            feed = {info.name: tensors.input_array(alias, request.inputs[alias], info)
                     for alias, info in signature.inputs.items()}  # fmt: skip
             session.run({k: v.name for k, v in signature.outputs.items()}, feed)
         return
@@ -330,7 +300,7 @@ def _warm_up(session, signatures: dict, path: Path | None = None) -> None:
         try:
             session.run({k: v.name for k, v in signature.outputs.items()}, feed)
         except tf.errors.OpError as e:  # a signature that needs real inputs; not fatal
-            log.debug("warm-up of %s skipped: %s", name, _clean_message(e.message))
+            log.debug("warm-up of %s skipped: %s", name, tensors.clean_message(e.message))
 
 
 def _cost(arrays: dict) -> int:
@@ -342,57 +312,3 @@ def _cost(arrays: dict) -> int:
     longest = max((len(p) for p in primes), default=0)
     most = int(np.max(arrays[names.NUM_CHARS], initial=0))
     return len(primes) * (max(most, 0) + longest)
-
-
-def _clean_message(message: str) -> str:
-    """Keeps the lines of a TensorFlow error a client can act on (no graph node names), and
-    turns a graph assert's ``assertion failed: [message] [value]`` into ``message value``."""
-    skip = ("Graph execution error", "[[", "Detected at node")
-    lines = [line.strip() for line in message.splitlines()]
-    text = " ".join(line for line in lines if line and not line.startswith(skip)) or message
-    if text.startswith(_ASSERTION):
-        said, _, values = text.removeprefix(_ASSERTION).partition("] ")
-        text = f"{said.removeprefix('[')} {values.removeprefix('[').removesuffix(']')}".strip()
-    return text
-
-
-_ASSERTION = "assertion failed: "  # how tf.debugging.Assert's InvalidArgumentError begins
-
-
-def _input_array(alias: str, proto, info) -> np.ndarray:
-    """Converts one request input, checking dtype and shape against the signature.
-
-    The declared shape is checked before any value is converted, so that a TensorProto declaring
-    a huge shape is refused without allocating it.
-    """
-    if proto.dtype != info.dtype:
-        try:
-            got = tf.as_dtype(proto.dtype).name if proto.dtype else "no dtype"
-        except TypeError:  # an enum value TensorFlow does not know
-            got = f"unknown dtype {proto.dtype}"
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"Expects input {alias!r} to be {tf.as_dtype(info.dtype).name} but {got} is provided",
-        )
-    dims = [d.size for d in proto.tensor_shape.dim]
-    if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"input {alias!r} must have a fully defined shape, got "
-            f"{'unknown rank' if proto.tensor_shape.unknown_rank else dims}",
-        )
-    shape = tf.TensorShape(info.tensor_shape)
-    if not shape.is_compatible_with(dims):
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"input {alias!r} has shape {dims}; the signature wants {shape}",
-        )
-    if math.prod(dims) > MAX_INPUT_ELEMENTS:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"input {alias!r} declares shape {dims}: more than {MAX_INPUT_ELEMENTS} elements",
-        )
-    try:
-        return tf.make_ndarray(proto)
-    except Exception as e:  # a malformed TensorProto; protobuf and numpy raise many kinds
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {alias!r}: {e}") from None

@@ -28,7 +28,8 @@ from charrnn_keras.serving import names
 from charrnn_keras.serving.lanes import Call, RequestError
 from charrnn_keras.serving.metrics import Metrics, prometheus_path
 from charrnn_keras.serving.policy import read_model_config
-from charrnn_keras.serving.servable import INTRA_OP_THREADS, typed_tensor_proto
+from charrnn_keras.serving.servable import INTRA_OP_THREADS
+from charrnn_keras.serving.tensors import typed_tensor_proto
 from charrnn_keras.serving.versions import LOAD_RETRY_SECONDS, MAX_LOAD_RETRIES, ModelManager
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from tensorflow_serving.apis import get_model_status_pb2
 
 from charrnn_keras.errors import ServingError
-from charrnn_keras.serving import names
+from charrnn_keras.serving import names, tensors
 from charrnn_keras.serving.lanes import Outcomes, RequestError
 from charrnn_keras.serving.policy import ModelPolicy, check_labels
 from charrnn_keras.serving.servable import INTRA_OP_THREADS, LoadedVersion
@@ -40,7 +40,6 @@ from charrnn_keras.serving.servable import INTRA_OP_THREADS, LoadedVersion
 log = logging.getLogger(__name__)
 
 _STATE = get_model_status_pb2.ModelVersionStatus
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 MAX_LOAD_RETRIES = 5  # TF Serving's --max_num_load_retries default
 LOAD_RETRY_SECONDS = 60.0  # TF Serving's --load_retry_interval_micros default
 
@@ -71,7 +70,7 @@ def _fingerprint(path: Path) -> tuple:
 def _load_error(e: Exception) -> tuple[grpc.StatusCode, str]:
     """The status a failed load reports, with TF's codes where TF gives one."""
     if isinstance(e, tf.errors.OpError):
-        code = _CODES.get(e.error_code, grpc.StatusCode.UNKNOWN)
+        code = tensors.CODES.get(e.error_code, grpc.StatusCode.UNKNOWN)
     elif isinstance(e, DecodeError):
         code = grpc.StatusCode.DATA_LOSS  # TF's ReadBinaryProto: "Can't parse ... as binary proto"
     elif isinstance(e, OSError):
@@ -178,10 +177,13 @@ class ModelManager:
         with self._lock:
             record = self._records.setdefault(version, _Record(_STATE.START))
             record.state = _STATE.LOADING
+        loaded = None
         try:
             loaded = LoadedVersion(path, version, outcomes=self.outcomes, **self._version_args)
             loaded.warm_up()
         except Exception as e:  # a broken version must not stop the one already served
+            if loaded is not None:  # loaded, then its warm-up failed: free its Sessions
+                loaded.retire()
             with self._lock:
                 record.error = _load_error(e)
                 record.attempts += 1
