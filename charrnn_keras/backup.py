@@ -116,10 +116,7 @@ class RunBackup(keras.callbacks.Callback):
         """Loads one weights/metadata pair; returns its epoch (0 if it has no metadata)."""
         epoch, made_with = 0, 1  # no metadata, or none of replicas (before tf.distribute)
         if meta.exists():
-            facts = json.loads(meta.read_text(encoding="utf-8"))
-            epoch, made_with = facts["epoch"], facts.get("replicas", 1)
-            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-                raise ValueError(f"{meta}: epoch must be an integer, 0 or more, got {epoch!r}")
+            epoch, made_with = _read_metadata(meta)
         if made_with != self.replicas:
             raise BackupError(
                 f"cannot resume: the backup in {self.restore_from} was made on {made_with} "
@@ -155,11 +152,9 @@ class RunBackup(keras.callbacks.Callback):
         """
         for _, meta in self._pairs(self.restore_from):
             try:
-                epoch = json.loads(meta.read_text(encoding="utf-8"))["epoch"]
+                return _read_metadata(meta)[0]
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0:
-                return epoch
         return self.saved_epoch
 
     def discard(self) -> None:
@@ -205,3 +200,12 @@ class RunBackup(keras.callbacks.Callback):
         with atomic.replacing(newest[0]) as tmp:
             self.model.save_weights(str(tmp))
         atomic.write_json(newest[1], {"epoch": epoch, "replicas": self.replicas})
+
+
+def _read_metadata(meta: Path) -> tuple[int, int]:
+    """(epoch, replicas) of a backup's metadata file; ValueError for an epoch that is not one."""
+    facts = json.loads(meta.read_text(encoding="utf-8"))
+    epoch, replicas = facts["epoch"], facts.get("replicas", 1)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise ValueError(f"{meta}: epoch must be an integer, 0 or more, got {epoch!r}")
+    return epoch, replicas

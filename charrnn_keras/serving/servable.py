@@ -34,8 +34,8 @@ _WARMUP_DEADLINE_S = 300.0
 # Threads within one op (TF Serving's --tensorflow_intra_op_parallelism). One: a generate step
 # is a few [rows, units] x [units, 4 units] matmuls, too small to gain from a second thread but
 # not from the wake-up it costs, and concurrent requests (or batches) already fill the cores
-# through the inter-op pool. On the 2-core VM one thread gave 1.8x the requests/s of the default
-# at 8 clients without batching and 1.7x with it, the same text (BENCHMARKS.md, section 4).
+# through the inter-op pool. On the 2-core VM one thread gave 1.7x the requests/s of the default
+# at 8 clients without batching and 1.3x with it, the same text (BENCHMARKS.md, section 4).
 INTRA_OP_THREADS = 1
 
 
