@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--windows", type=int, default=7)
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,...")
+    parser.add_argument("--base-intra", type=int, default=0,
+                        help="the base's intra-op threads (0: TensorFlow's default)")  # fmt: skip
     args = parser.parse_args()
     print(f"machine: {common.machine()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +143,7 @@ def main() -> None:
         run_dir = tmp / "run"
         base = export_base(args.base, run_dir, tmp / "base", tmp)
         new = export_run(run_dir, tmp / "new", speed.MODEL)
-        specs = {"base": (base, 0), "new": (new, INTRA_OP_THREADS),
+        specs = {"base": (base, args.base_intra), "new": (new, INTRA_OP_THREADS),
                  "new, default threads": (new, 0)}  # fmt: skip
         for spec in args.variant:
             name, kwargs = parse_variant(spec)

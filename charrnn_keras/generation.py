@@ -29,6 +29,10 @@ from charrnn_keras.vocab import Vocab, format_chars
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 20  # unknown characters named in one error line
+# oneDNN multiplies a one-row matrix by a kernel of 512 or more rows as a matrix-vector
+# product, whose rounding differs from the same row's in a many-row product; so every loop
+# runs at least two rows, and a request alone gets the bits it gets in any batch.
+_MIN_ROWS = 2
 _STATE_PARTS = {1: ("h",), 2: ("h", "c")}  # a cell's state tensors, as Keras orders them
 
 
@@ -175,6 +179,11 @@ class Generator:
         Returns:
             ``(logits [batch, vocab], new_states)``.
         """
+        batch = tf.shape(char_ids)[0]
+        logits, states = self._step(*_pad_rows([char_ids, states], batch))
+        return logits[:batch], [s[:batch] for s in states]
+
+    def _step(self, char_ids, states: list):
         x, new_states, k = None, [], 0
         for layer in self.model.layers:
             if isinstance(layer, keras.layers.Embedding):
@@ -199,18 +208,21 @@ class Generator:
         Returns:
             The new states.
         """
+        batch = tf.shape(lengths)[0]
+        ids, lengths, states = _pad_rows([ids, lengths, states], batch)
         if self.fused is not None:
-            return draw_loop.feed(self.fused, self.fused.weights(), ids, lengths, states)
+            states = draw_loop.feed(self.fused, self.fused.weights(), ids, lengths, states)
+            return [s[:batch] for s in states]
 
         def body(t, states):
-            _, new = self.step(ids[:, t], states)
+            _, new = self._step(ids[:, t], states)
             active = (t < lengths)[:, None]
             return t + 1, [tf.where(active, n, o) for n, o in zip(new, states, strict=True)]
 
         _, states = tf.while_loop(
             lambda t, _: t < tf.reduce_max(lengths), body, (tf.constant(0), states)
         )
-        return states
+        return [s[:batch] for s in states]
 
     def draw(self, prev, states: list, count, settings: Draw, start):
         """Feeds ``prev``, draws the next character, feeds it, and so on ``count`` times.
@@ -225,20 +237,24 @@ class Generator:
         Returns:
             ``(ids [batch, count], last id [batch], states)``.
         """
+        batch = tf.shape(prev)[0]
+        shared_seed = settings.seed.shape.rank == 1  # one seed for all rows: nothing to pad
+        rows = settings._replace(seed=()) if shared_seed else settings
+        prev, states, rows = _pad_rows([prev, states, rows], batch)
+        settings = rows._replace(seed=settings.seed) if shared_seed else rows
         if self.fused is not None:
             step = self.fused
             frozen = step.weights(frozen=True) if self.freeze else None
             ids, prev, states = draw_loop.draw(step, step.weights(), prev, states, count,
                                                settings, start, self.space_id, frozen)  # fmt: skip
-            return _batch_major(ids), prev, states
-        batch = tf.shape(prev)[0]
+            return _batch_major(ids)[:batch], prev[:batch], [s[:batch] for s in states]
         # Slot 0 is a dummy so that stack() works for count == 0.
         out = tf.TensorArray(tf.int32, size=count + 1, element_shape=tf.TensorShape([None]))
-        out = out.write(0, tf.zeros([batch], tf.int32))
+        out = out.write(0, tf.zeros_like(prev))
         t, words = settings.temperature, settings.words
 
         def body(i, prev, states, out):
-            logits, states = self.step(prev, states)
+            logits, states = self._step(prev, states)
             temperature = tf.where(words & (prev != self.space_id), 0.0, t)
             drawn = draw_next(logits, temperature, settings.top_k, settings.seed,
                               start + tf.cast(i, tf.int64), settings.top_p)  # fmt: skip
@@ -247,7 +263,17 @@ class Generator:
         _, prev, states, out = tf.while_loop(
             lambda i, *_: i < count, body, (tf.constant(0), prev, states, out)
         )
-        return _batch_major(out.stack()[1:]), prev, states
+        ids = _batch_major(out.stack()[1:])
+        return ids[:batch], prev[:batch], [s[:batch] for s in states]
+
+
+def _pad_rows(structure, batch):
+    """``structure``'s tensors (``[batch, ...]`` each) with copies of row 0 appended up to
+    ``_MIN_ROWS`` rows; none when ``batch`` is already that many."""
+    extra = tf.maximum(_MIN_ROWS - batch, 0)
+    return tf.nest.map_structure(
+        lambda x: tf.concat([x, tf.repeat(x[:1], extra, axis=0)], axis=0), structure
+    )
 
 
 def _batch_major(ids):

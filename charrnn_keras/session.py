@@ -28,7 +28,7 @@ from charrnn_keras.callbacks import (
 from charrnn_keras.config import Config
 from charrnn_keras.distribute import SINGLE, Topology, distributed_dataset
 from charrnn_keras.errors import ConfigError, option
-from charrnn_keras.model import build_model, check_fits, compile_model, compute_path
+from charrnn_keras.model import build_model, compile_model, compute_path
 from charrnn_keras.replicas import building, use_scope_strategy
 from charrnn_keras.resume import (
     check_replaceable,
@@ -38,6 +38,7 @@ from charrnn_keras.resume import (
 )
 from charrnn_keras.rundir import RunDir, Status
 from charrnn_keras.sampling import Sampler
+from charrnn_keras.sizing import check_fits
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_CONFIG, TINY_TEXT, our_stderr
 
-from charrnn_keras import cli, rundir
+from charrnn_keras import cli, rundir, sizing
 from charrnn_keras import data as data_lib
 from charrnn_keras import model as model_lib
 from charrnn_keras import train as train_mod
@@ -165,21 +165,21 @@ def test_nan_loss_with_samples_on_stops_with_one_line(tmp_path, monkeypatch, cap
 def test_parameter_estimate_is_exact(settings):
     cfg = ModelConfig(**{"embedding_dim": 8, "rnn_size": 16, "num_layers": 2, **settings})
     built = model_lib.build_model(cfg, 23, 2, 4)
-    assert model_lib.estimate_params(cfg, 23) == built.count_params()
+    assert sizing.estimate_params(cfg, 23) == built.count_params()
 
 
 def test_memory_check_refuses_with_the_estimate_and_what_to_lower():
     cfg = Config()
     cfg.model.rnn_size, cfg.data.batch_size = 2048, 1  # the weights dominate
-    need = model_lib.estimate_memory(cfg, 80)
-    model_lib.check_fits(cfg, 80, memory=need)  # exactly enough: no error
+    need = sizing.estimate_memory(cfg, 80)
+    sizing.check_fits(cfg, 80, memory=need)  # exactly enough: no error
     with pytest.raises(ConfigError) as e:
-        model_lib.check_fits(cfg, 80, memory=need - 1)
-    assert f"{model_lib.estimate_params(cfg.model, 80):,} weights" in str(e.value)
+        sizing.check_fits(cfg, 80, memory=need - 1)
+    assert f"{sizing.estimate_params(cfg.model, 80):,} weights" in str(e.value)
     assert "lower model.rnn_size or model.num_layers" in str(e.value)
     cfg.data.batch_size, cfg.data.seq_length = 4096, 4096  # the activations dominate
     with pytest.raises(ConfigError, match="lower data.batch_size or data.seq_length"):
-        model_lib.check_fits(cfg, 80, memory=2**30)
+        sizing.check_fits(cfg, 80, memory=2**30)
 
 
 @pytest.mark.parametrize(
