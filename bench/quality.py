@@ -83,6 +83,7 @@ def keras_worker(args, cfg) -> dict:
     intra, inter, chains, time_chunks = common.parse_tf_threads(args.threads)
     common.set_tf_threads(intra, inter)
     import keras
+    import tensorflow as tf
 
     from charrnn_keras import data as data_lib
     from charrnn_keras.callbacks import ResetStates, ValidationLoss
@@ -99,7 +100,20 @@ def keras_worker(args, cfg) -> dict:
     model = build_model(model_cfg, vocab, d.batch_size, d.seq_length)
     compile_model(model, t)
 
-    evaluate = ValidationLoss(model, val_ds)
+    validation = ValidationLoss(model, val_ds)
+    average = [tf.Variable(w) for w in model.trainable_variables] if args.ema else []
+
+    def evaluate() -> float:
+        """The validation loss of the weights, or of their moving average (``--ema``)."""
+        if not args.ema:
+            return validation()
+        current = [w.numpy() for w in model.trainable_variables]
+        for w, a in zip(model.trainable_variables, average, strict=True):
+            w.assign(a)
+        loss = validation()
+        for w, c in zip(model.trainable_variables, current, strict=True):
+            w.assign(c)
+        return loss
 
     clock = Clock(args.minutes * 60, args.eval_every)
     curve, chars = [], 0
@@ -111,6 +125,8 @@ def keras_worker(args, cfg) -> dict:
         def on_train_batch_end(self, batch, logs=None):
             nonlocal chars
             chars += d.batch_size * d.seq_length
+            for w, a in zip(model.trainable_variables, average, strict=True):
+                a.assign(args.ema * a + (1 - args.ema) * w)
             if clock.due() or clock.done():
                 clock.stop()
                 curve.append((clock.trained, evaluate(), chars))
@@ -220,6 +236,7 @@ def run(args) -> dict:
         "config_name": Path(args.config).name,
         "config": cfg.to_dict(),
         "minutes": args.minutes,
+        "ema": args.ema,
         "runs": {},
     }
     for impl in args.impls:
@@ -227,6 +244,7 @@ def run(args) -> dict:
         worker_args = ["--worker", "--impl", impl, "--threads", threads]
         worker_args += ["--minutes", str(args.minutes), "--eval-every", str(args.eval_every)]
         worker_args += ["--config", str(args.config)]
+        worker_args += ["--ema", str(args.ema)]
         timeout = args.minutes * 60 * 2 + 600  # validation and start-up come on top
         r = common.run_worker("quality.py", worker_args, timeout)
         r["threads"] = threads
@@ -258,6 +276,9 @@ def main() -> None:
         "--tf-threads", default="1,2,2,10", help="ours: intra,inter[,chains[,time_chunks]]"
     )
     parser.add_argument("--torch-threads", default="2,1", help="PyTorch: threads,interop")
+    parser.add_argument(
+        "--ema", type=float, default=0.0, help="ours: score the weights' moving average (momentum)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--threads", help=argparse.SUPPRESS)
