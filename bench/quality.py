@@ -236,7 +236,6 @@ def run(args) -> dict:
         "config_name": Path(args.config).name,
         "config": cfg.to_dict(),
         "minutes": args.minutes,
-        "ema": args.ema,
         "runs": {},
     }
     for impl in args.impls:
@@ -244,10 +243,11 @@ def run(args) -> dict:
         worker_args = ["--worker", "--impl", impl, "--threads", threads]
         worker_args += ["--minutes", str(args.minutes), "--eval-every", str(args.eval_every)]
         worker_args += ["--config", str(args.config)]
-        worker_args += ["--ema", str(args.ema)]
+        ema = 0.0 if impl.startswith("torch") else args.ema  # PyTorch's worker has no average
+        worker_args += ["--ema", str(ema)]
         timeout = args.minutes * 60 * 2 + 600  # validation and start-up come on top
         r = common.run_worker("quality.py", worker_args, timeout)
-        r["threads"] = threads
+        r["threads"], r["ema"] = threads, ema
         for mark in sorted({10, 30, args.minutes}):
             if mark <= args.minutes and "curve" in r:
                 loss = loss_at(r["curve"], mark * 60)
