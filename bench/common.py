@@ -14,6 +14,8 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,8 +135,13 @@ def tinyshakespeare_ids():
     return ids.astype(np.uint8), len(symbols)
 
 
-def run_worker(script: str, args: list[str], timeout: float, env: dict | None = None) -> dict:
+def run_worker(
+    script: str, args: list[str], timeout: float, env: dict | None = None, echo: bool = False
+) -> dict:
     """Runs ``bench/<script> args`` in a fresh process and returns the JSON its last line holds.
+
+    Args:
+        echo: print the worker's other stdout lines as they come (progress of long runs).
 
     Returns:
         The parsed JSON, or ``{"error": ...}`` with the tail of stderr when the worker failed.
@@ -143,15 +150,26 @@ def run_worker(script: str, args: list[str], timeout: float, env: dict | None = 
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
     full_env.update(env or {})
     start = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    with tempfile.TemporaryFile("w+") as err:  # a file: a full stderr pipe would block it
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=full_env, cwd=REPO
         )
-    except subprocess.TimeoutExpired:
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if echo and not line.startswith("{"):
+                print(line, end="", flush=True)
+        proc.wait()
+        killer.cancel()
+        err.seek(0)
+        stderr = err.read()
+    if time.monotonic() - start >= timeout:
         return {"error": f"timed out after {timeout:.0f} s: {' '.join(cmd[1:])}"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in out if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        tail = (stderr or "".join(out)).strip().splitlines()[-5:]
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
     result = json.loads(lines[-1])
     result["wall_s"] = round(time.monotonic() - start, 1)

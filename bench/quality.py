@@ -83,9 +83,9 @@ def keras_worker(args, cfg) -> dict:
     intra, inter, chains, time_chunks = common.parse_tf_threads(args.threads)
     common.set_tf_threads(intra, inter)
     import keras
-    import tensorflow as tf
 
     from charrnn_keras import data as data_lib
+    from charrnn_keras.averaging import averaged_weights
     from charrnn_keras.callbacks import ResetStates, ValidationLoss
     from charrnn_keras.model import build_model, compile_model
 
@@ -98,22 +98,16 @@ def keras_worker(args, cfg) -> dict:
         cfg.model, **common.lstm_settings(args.impl, chains, time_chunks)
     )
     model = build_model(model_cfg, vocab, d.batch_size, d.seq_length)
-    compile_model(model, t)
+    if args.init == "torch":
+        torch_init(model, t.seed)
+    compile_model(model, dataclasses.replace(t, ema=args.ema) if args.ema else t)
 
     validation = ValidationLoss(model, val_ds)
-    average = [tf.Variable(w) for w in model.trainable_variables] if args.ema else []
 
     def evaluate() -> float:
-        """The validation loss of the weights, or of their moving average (``--ema``)."""
-        if not args.ema:
+        """The validation loss of the weights, or of their moving average (``train.ema``)."""
+        with averaged_weights(model):
             return validation()
-        current = [w.numpy() for w in model.trainable_variables]
-        for w, a in zip(model.trainable_variables, average, strict=True):
-            w.assign(a)
-        loss = validation()
-        for w, c in zip(model.trainable_variables, current, strict=True):
-            w.assign(c)
-        return loss
 
     clock = Clock(args.minutes * 60, args.eval_every)
     curve, chars = [], 0
@@ -125,8 +119,6 @@ def keras_worker(args, cfg) -> dict:
         def on_train_batch_end(self, batch, logs=None):
             nonlocal chars
             chars += d.batch_size * d.seq_length
-            for w, a in zip(model.trainable_variables, average, strict=True):
-                a.assign(args.ema * a + (1 - args.ema) * w)
             if clock.due() or clock.done():
                 clock.stop()
                 curve.append((clock.trained, evaluate(), chars))
@@ -151,6 +143,28 @@ def keras_worker(args, cfg) -> dict:
     return {"curve": curve, "steps_per_epoch": steps}
 
 
+def torch_init(model, seed: int) -> None:
+    """Re-draws the weights as PyTorch initialises them (``--init torch``): every LSTM and
+    output weight uniform in +-1/sqrt(fan), LSTM biases the sum of two such draws (``b_ih +
+    b_hh``), no forget-gate bias of 1; the embedding stays N(0, 1), as torch's."""
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.RNN):
+            cell = layer.cell
+            bound = 1 / np.sqrt(cell.units)
+            for var in (cell.kernel, cell.recurrent_kernel):
+                var.assign(rng.uniform(-bound, bound, var.shape).astype("float32"))
+            two = rng.uniform(-bound, bound, (2, *cell.bias.shape)).sum(axis=0)
+            cell.bias.assign(two.astype("float32"))
+        elif isinstance(layer, keras.layers.Dense):
+            bound = 1 / np.sqrt(layer.kernel.shape[0])
+            for var in (layer.kernel, layer.bias):
+                var.assign(rng.uniform(-bound, bound, var.shape).astype("float32"))
+
+
 def torch_worker(args, cfg) -> dict:
     """Trains the PyTorch reference for the budget; returns the validation curve."""
     import torch_ref
@@ -172,6 +186,8 @@ def torch_worker(args, cfg) -> dict:
         bf16=args.impl == "torch-bf16",
         seed=t.seed,
         dropout=m.dropout,
+        weight_decay=t.weight_decay,
+        ema=args.ema or t.ema,
     )
     clock = Clock(args.minutes * 60, args.eval_every)
     curve, chars = [], 0
@@ -243,11 +259,11 @@ def run(args) -> dict:
         worker_args = ["--worker", "--impl", impl, "--threads", threads]
         worker_args += ["--minutes", str(args.minutes), "--eval-every", str(args.eval_every)]
         worker_args += ["--config", str(args.config)]
-        ema = 0.0 if impl.startswith("torch") else args.ema  # PyTorch's worker has no average
-        worker_args += ["--ema", str(ema)]
+        ema = args.ema or cfg.train.ema
+        worker_args += ["--ema", str(ema), "--init", args.init]
         timeout = args.minutes * 60 * 2 + 600  # validation and start-up come on top
-        r = common.run_worker("quality.py", worker_args, timeout)
-        r["threads"], r["ema"] = threads, ema
+        r = common.run_worker("quality.py", worker_args, timeout, echo=True)
+        r["threads"], r["ema"], r["init"] = threads, ema, args.init
         for mark in sorted({10, 30, args.minutes}):
             if mark <= args.minutes and "curve" in r:
                 loss = loss_at(r["curve"], mark * 60)
@@ -260,7 +276,7 @@ def run(args) -> dict:
         print(f"{impl}: {summary}", flush=True)
         results["runs"][impl] = r
     common.RESULTS.mkdir(exist_ok=True)
-    stem = "quality" if args.minutes >= 30 else f"quality_{args.minutes:g}min"
+    stem = args.name or ("quality" if args.minutes >= 30 else f"quality_{args.minutes:g}min")
     (common.RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, common.RESULTS / f"{stem}.png")
     return results
@@ -277,8 +293,15 @@ def main() -> None:
     )
     parser.add_argument("--torch-threads", default="2,1", help="PyTorch: threads,interop")
     parser.add_argument(
-        "--ema", type=float, default=0.0, help="ours: score the weights' moving average (momentum)"
+        "--ema",
+        type=float,
+        default=0.0,
+        help="score the weights' moving average (momentum; default: the config's train.ema)",
     )
+    parser.add_argument(
+        "--init", choices=["keras", "torch"], default="keras", help="ours: weight initialisers"
+    )
+    parser.add_argument("--name", help="results file stem under bench/results (default: quality)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--threads", help=argparse.SUPPRESS)

@@ -54,6 +54,9 @@ class Trainer:
         bf16: run forward and backward under CPU autocast to bfloat16 (weights stay float32).
         seed: torch's seed.
         dropout: dropout rate after each LSTM layer while training.
+        weight_decay: AdamW's decoupled decay of every weight but biases (0 = Adam), as ours.
+        ema: momentum of a moving average of the weights that ``evaluate`` scores (0 = none),
+            torch's own ``AveragedModel``.
     """
 
     def __init__(
@@ -68,10 +71,23 @@ class Trainer:
         bf16=False,
         seed=0,
         dropout=0.0,
+        weight_decay=0.0,
+        ema=0.0,
     ):
         torch.manual_seed(seed)
         self.model = CharLSTM(vocab, embedding_dim, rnn_size, num_layers, dropout)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate, eps=1e-7)
+        named = list(self.model.named_parameters())
+        groups = [
+            {"params": [p for n, p in named if "bias" not in n], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if "bias" in n], "weight_decay": 0.0},
+        ]
+        adam = torch.optim.AdamW if weight_decay else torch.optim.Adam
+        self.optimizer = adam(groups, lr=learning_rate, eps=1e-7)
+        self.averaged = None
+        if ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.averaged = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema))
         self.grad_clip = grad_clip
         self.bf16 = bf16
         self.vocab = vocab
@@ -99,19 +115,25 @@ class Trainer:
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
         self.state = tuple(s.float() for s in state)
         return loss.detach()
 
     @torch.no_grad()
     def evaluate(self, xs, ys) -> float:
-        """Mean loss (nats/char) over validation batches, from a zero state; keeps train state."""
-        self.model.eval()
+        """Mean loss (nats/char) over validation batches, from a zero state; keeps train state.
+
+        With ``ema`` it is the loss of the averaged weights.
+        """
+        model = self.model if self.averaged is None else self.averaged.module
+        model.eval()
         saved = self.state
         self.reset()
         total = 0.0
         for x, y in zip(xs, ys, strict=True):
             with self._autocast():
-                logits, self.state = self.model(x, self.state)
+                logits, self.state = model(x, self.state)
             total += float(self.loss_fn(logits.reshape(-1, self.vocab).float(), y.reshape(-1)))
         self.state = saved
         return total / max(len(xs), 1)

@@ -1,6 +1,6 @@
 """Training callbacks that Keras does not ship: state resets, periodic checkpoints named with the
-validation loss, a time budget, a gate that hides epochs cut short, and a sample after every
-epoch (the backup is in backup.py)."""
+validation loss, a time budget and a sample after every epoch (the backup is in backup.py, the
+callbacks that wrap others in forwarding.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from charrnn_keras.averaging import averaged_weights
 from charrnn_keras.distribute import SINGLE
 from charrnn_keras.model import reset_states, rnn_layers
 from charrnn_keras.replicas import replica_states, set_replica_states
@@ -77,91 +78,6 @@ class Progress(keras.callbacks.ProgbarLogger):
         super().on_epoch_end(epoch, logs)
 
 
-class WholeEpochs(keras.callbacks.Callback):
-    """Passes every hook to ``callbacks`` except those of an epoch cut short.
-
-    When ``model.stop_training`` is set before an epoch's last step (a time budget running
-    out), Keras still validates and ends that epoch; CSVLogger, ModelCheckpoint and
-    TensorBoard would record it as a whole epoch, and again when a resume trains it in full.
-    Behind this gate they see only whole epochs.
-
-    Args:
-        callbacks: the callbacks to gate, in the order they run.
-    """
-
-    def __init__(self, callbacks):
-        super().__init__()
-        self.callbacks = list(callbacks)
-        if not all(isinstance(c, keras.callbacks.Callback) for c in self.callbacks):
-            raise ValueError(f"callbacks must be keras.callbacks.Callback, received: {callbacks}")
-        self._batches = 0
-        self._in_fit = False
-        self._cut_short = False
-
-    def _forward(self, hook: str, *args) -> None:
-        for callback in self.callbacks:
-            getattr(callback, hook)(*args)
-
-    def _epoch_cut_short(self) -> bool:
-        steps = (self.params or {}).get("steps")
-        return bool(steps) and self._batches < steps
-
-    def set_model(self, model):
-        super().set_model(model)
-        for callback in self.callbacks:
-            callback.set_model(model)
-
-    def set_params(self, params):
-        super().set_params(params)
-        for callback in self.callbacks:
-            callback.set_params(params)
-
-    def on_train_begin(self, logs=None):
-        self._in_fit = True
-        self._forward("on_train_begin", logs)
-
-    def on_train_end(self, logs=None):
-        self._in_fit = False
-        self._forward("on_train_end", logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._batches = 0
-        self._cut_short = False
-        self._forward("on_epoch_begin", epoch, logs)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._forward("on_train_batch_begin", batch, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._batches += 1
-        self._forward("on_train_batch_end", batch, logs)
-
-    def on_test_begin(self, logs=None):
-        # Validation inside fit comes after the epoch's training steps: it is known by now.
-        self._cut_short = self._in_fit and self._epoch_cut_short()
-        if not self._cut_short:
-            self._forward("on_test_begin", logs)
-
-    def on_test_batch_begin(self, batch, logs=None):
-        if not self._cut_short:
-            self._forward("on_test_batch_begin", batch, logs)
-
-    def on_test_batch_end(self, batch, logs=None):
-        if not self._cut_short:
-            self._forward("on_test_batch_end", batch, logs)
-
-    def on_test_end(self, logs=None):
-        if not self._cut_short:
-            self._forward("on_test_end", logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._cut_short or self._epoch_cut_short():
-            logger.info("epoch %d stopped after %d of %s steps: not recorded",
-                        epoch + 1, self._batches, self.params.get("steps"))  # fmt: skip
-            return
-        self._forward("on_epoch_end", epoch, logs)
-
-
 class PeriodicCheckpoint(keras.callbacks.Callback):
     """Every ``every`` steps, measures validation loss and saves ``i{step}_l{units}_v{loss}``.
 
@@ -202,10 +118,11 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
         step = self._epoch * self.steps_per_epoch + batch + 1
         if step % self.every:
             return
-        loss = self.validation_loss() if self.val_data is not None else (logs or {}).get("loss")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / checkpoint_name(step, self.units, loss)
-        self.model.save_weights(path)
+        with averaged_weights(self.model):  # what the best checkpoint holds too (train.ema)
+            loss = self.validation_loss() if self.val_data is not None else (logs or {}).get("loss")
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / checkpoint_name(step, self.units, loss)
+            self.model.save_weights(path)
         logger.info("step %d: validation loss %.4f, saved %s", step, loss, path.name)
 
     def validation_loss(self) -> float:

@@ -82,6 +82,11 @@ class TrainConfig:
         learning_rate: Adam's initial learning rate.
         lr_decay: per-epoch decay; epoch e uses ``learning_rate * lr_decay**e``.
         grad_clip: clip gradients to this global norm (0 = no clipping).
+        weight_decay: decoupled weight decay (AdamW), per step ``learning_rate *
+            weight_decay`` of every weight but biases (0 = none).
+        ema: momentum of a moving average of the weights, updated every step (0 = none).
+            Validation, checkpoints and samples use the average; training continues from
+            the weights themselves.
         max_minutes: time budget; training stops cleanly, saved, when it runs out (0 = none).
         seed: seeds weight initialisation and dropout.
         checkpoint_every: save a named checkpoint every this many steps (0 = only the best).
@@ -97,6 +102,8 @@ class TrainConfig:
     learning_rate: float = 0.002
     lr_decay: float = 0.97
     grad_clip: float = 5.0
+    weight_decay: float = 0.0
+    ema: float = 0.0
     max_minutes: float = 0.0
     seed: int = 42
     checkpoint_every: int = 0
@@ -173,6 +180,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be greater than 0, got {value!r}")
     non_negative = [
         ("train.grad_clip", cfg.train.grad_clip),
+        ("train.weight_decay", cfg.train.weight_decay),
         ("train.max_minutes", cfg.train.max_minutes),
         ("train.checkpoint_every", cfg.train.checkpoint_every),
         ("train.sample_chars", cfg.train.sample_chars),
@@ -185,6 +193,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be 0 or more, got {value!r}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction!r}")
+    if not 0 <= cfg.train.ema < 1:
+        raise ConfigError(f"train.ema must be in [0, 1), got {cfg.train.ema!r}")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout!r}")
     if not 0 <= cfg.train.seed < 2**32:  # what keras.utils.set_random_seed (numpy) accepts

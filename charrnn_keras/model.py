@@ -240,16 +240,20 @@ def compile_model(model: keras.Model, cfg: TrainConfig, distributed: bool = Fals
 
     Args:
         model: the training model.
-        cfg: the training settings (learning rate, clipping).
+        cfg: the training settings (learning rate, clipping, weight decay, weight average).
         distributed: the model trains under a ``tf.distribute`` strategy: clip the summed
             gradient, not each replica's share (``replicas.GlobalClipAdam``).
     """
+    options = dict(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay or None)
+    if cfg.ema:
+        options.update(use_ema=True, ema_momentum=cfg.ema)
     if distributed:
-        optimizer = GlobalClipAdam(cfg.grad_clip, learning_rate=cfg.learning_rate)
+        optimizer = GlobalClipAdam(cfg.grad_clip, **options)
     else:
-        optimizer = keras.optimizers.Adam(
-            learning_rate=cfg.learning_rate, global_clipnorm=cfg.grad_clip or None
-        )
+        optimizer = keras.optimizers.Adam(global_clipnorm=cfg.grad_clip or None, **options)
+    if cfg.weight_decay:
+        # Biases set offsets (the forget gate's starts at 1), not the model's capacity.
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

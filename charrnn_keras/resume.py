@@ -85,7 +85,7 @@ SPEED_KEYS = {"model.fast_lstm", "model.matmul_dtype", "model.chains", "model.ti
 
 
 def check_resume(run: RunDir | str | Path, cfg: Config, corpus: data_lib.Corpus) -> None:
-    """Refuses to resume a run whose model, data layout or corpus differ from this one.
+    """Refuses to resume a run whose model, data layout, corpus or weight average differ.
 
     Args:
         run: the run directory (a RunDir or its path).
@@ -100,6 +100,12 @@ def check_resume(run: RunDir | str | Path, cfg: Config, corpus: data_lib.Corpus)
         for key, old in old_cfg.to_dict()[section].items()
         if (new := cfg.to_dict()[section][key]) != old and f"{section}.{key}" not in SPEED_KEYS
     ]
+    old_ema, new_ema = old_cfg.train.ema, cfg.train.ema
+    if bool(old_ema) != bool(new_ema):  # the momentum may change; having an average may not
+        diffs.append(
+            f"train.ema: {old_ema!r} -> {new_ema!r}, the optimizer state "
+            + ("holds a moving average" if old_ema else "has no moving average")
+        )
     old_digest = run.info().get("data", {}).get("sha256")
     if old_digest and old_digest != corpus.digest:
         diffs.append(f"corpus: {corpus.source} is not the text the run started on")

@@ -23,11 +23,11 @@ from charrnn_keras.callbacks import (
     ResetStates,
     SampleText,
     TimeBudget,
-    WholeEpochs,
 )
 from charrnn_keras.config import Config
 from charrnn_keras.distribute import SINGLE, Topology, distributed_dataset
 from charrnn_keras.errors import ConfigError, option
+from charrnn_keras.forwarding import AveragedWeights, WholeEpochs
 from charrnn_keras.model import build_model, compile_model, compute_path
 from charrnn_keras.replicas import building, use_scope_strategy
 from charrnn_keras.resume import (
@@ -306,5 +306,6 @@ def _callbacks(cfg: Config, run: RunDir, sampler, val, steps: int, best_so_far, 
                 temperature=SAMPLE_TEMPERATURE,
             )
         )
-    callbacks.append(WholeEpochs(records))
+    # With train.ema the records (and the validation they log) are of the averaged weights.
+    callbacks.append(AveragedWeights([WholeEpochs(records)]) if t.ema else WholeEpochs(records))
     return callbacks

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import tensorflow as tf
 
@@ -126,4 +127,31 @@ result["loss_max_diff"] = float(np.abs(np.subtract(losses["none"], losses["mirro
 result["history_rows"] = [len(runs["none"]), len(runs["mirrored"])]
 hist = [np.array([row.split(",") for row in runs[m][1:]], float) for m in ("none", "mirrored")]
 result["history_max_diff"] = float(np.abs(hist[0] - hist[1]).max())
+
+
+def h5_arrays(path) -> list:
+    """Every dataset of an HDF5 file, in the file's order."""
+    arrays = []
+    with h5py.File(path) as f:
+        f.visititems(
+            lambda _, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None
+        )
+    return arrays
+
+
+# 5. The weights' moving average and weight decay (train.ema, train.weight_decay) under the
+# strategy: the same validation history (of the average) and best checkpoint as on one device.
+hists, best = {}, {}
+for mode in ("none", "mirrored"):
+    run = out / f"run-ema-{mode}"
+    train(config(mode, "train.ema=0.8", "train.weight_decay=0.5"), data=str(corpus), run_dir=run,
+          verbose=0)  # fmt: skip
+    rows = (run / "history.csv").read_text().splitlines()[1:]
+    hists[mode] = np.array([row.split(",") for row in rows], float)
+    best[mode] = h5_arrays(run / "checkpoints" / "best.weights.h5")
+result["ema_history_max_diff"] = float(np.abs(hists["none"] - hists["mirrored"]).max())
+result["ema_best_max_diff"] = max(
+    float(np.abs(np.asarray(a, float) - np.asarray(b, float)).max())
+    for a, b in zip(best["none"], best["mirrored"], strict=True)
+)
 print(json.dumps(result))

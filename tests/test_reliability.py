@@ -450,8 +450,9 @@ def test_damaged_vocab_is_one_clear_line_for_sample(tiny_run, tmp_path, capsys):
         (["--set", "model.rnn_size=32"], "model.rnn_size: 16 -> 32"),
         (["--set", "model.cell=gru"], "model.cell: 'lstm' -> 'gru'"),
         (["--set", "data.seq_length=4"], "data.seq_length: 8 -> 4"),
+        (["--set", "train.ema=0.99"], "train.ema: 0.0 -> 0.99, the optimizer state has no"),
     ],
-    ids=["rnn_size", "cell", "seq_length"],
+    ids=["rnn_size", "cell", "seq_length", "ema"],
 )
 def test_resume_with_other_model_shape_says_what_differs(
     three_epoch_backup, tmp_path, capsys, change, expected
@@ -570,6 +571,8 @@ BAD_SETTINGS = [
     ("train.learning_rate=inf", "train.learning_rate must be greater than 0"),
     ("train.lr_decay=0", "train.lr_decay must be greater than 0"),
     ("train.grad_clip=-1", "train.grad_clip must be 0 or more"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be 0 or more, got -0.1"),
+    ("train.ema=1", "train.ema must be in [0, 1), got 1.0"),
     ("train.max_minutes=-1", "train.max_minutes must be 0 or more"),
     ("model.dropout=-0.5", "model.dropout must be in [0, 1)"),
     ("data.val_fraction=-0.1", "data.val_fraction must be in [0, 1)"),
