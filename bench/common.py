@@ -154,7 +154,13 @@ def run_worker(
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=full_env, cwd=REPO
         )
-        killer = threading.Timer(timeout, proc.kill)
+        timed_out = threading.Event()
+
+        def expire():
+            timed_out.set()
+            proc.kill()
+
+        killer = threading.Timer(timeout, expire)
         killer.start()
         out = []
         for line in proc.stdout:
@@ -165,7 +171,7 @@ def run_worker(
         killer.cancel()
         err.seek(0)
         stderr = err.read()
-    if time.monotonic() - start >= timeout:
+    if timed_out.is_set():
         return {"error": f"timed out after {timeout:.0f} s: {' '.join(cmd[1:])}"}
     lines = [line for line in out if line.startswith("{")]
     if proc.returncode != 0 or not lines:
