@@ -25,10 +25,12 @@ help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=$(CONFIG) DATA=<text file or dir> RUN_DIR=<run> ARGS='--set k=v'"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml charrnn_keras/native/lstm_op.cc
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# oneDNN's fused LSTM op for training; without it (no g++), training uses TensorFlow ops.
+	-$(BIN)/python -m charrnn_keras.native_lstm
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with its dev tools

@@ -34,7 +34,14 @@ CONFIGS = {
 }
 
 # Our implementations: Keras's own LSTM layer, FastLSTM in float32, FastLSTM with bf16 matmuls.
-IMPLS = {"keras": None, "fast": "float32", "fast-bf16": "bfloat16"}
+# Our implementations: (FastLSTM's matmul dtype, its training loop); None is Keras's LSTM.
+IMPLS = {
+    "keras": None,
+    "fast": ("float32", "tensorflow"),
+    "fast-bf16": ("bfloat16", "tensorflow"),
+    "onednn": ("float32", "onednn"),
+    "onednn-bf16": ("bfloat16", "onednn"),
+}
 
 
 def train_flops_per_char(
@@ -111,13 +118,15 @@ def lstm_settings(impl: str, chains: int = 1, time_chunks: int = 1) -> dict:
         time_chunks: FastLSTM's ``time_chunks``.
 
     Returns:
-        ``fast_lstm``, ``matmul_dtype``, ``chains`` and ``time_chunks``, as ModelConfig takes them.
+        ``fast_lstm``, ``matmul_dtype``, ``chains``, ``time_chunks`` and ``lstm_loop``, as
+        ModelConfig takes them.
     """
-    matmul_dtype = IMPLS[impl]
-    if matmul_dtype is None:
-        return {"fast_lstm": False, "matmul_dtype": "float32", "chains": 1, "time_chunks": 1}
+    if IMPLS[impl] is None:
+        return {"fast_lstm": False, "matmul_dtype": "float32", "chains": 1, "time_chunks": 1,
+                "lstm_loop": "auto"}  # fmt: skip
+    matmul_dtype, loop = IMPLS[impl]
     return {"fast_lstm": True, "matmul_dtype": matmul_dtype, "chains": chains,
-            "time_chunks": time_chunks}  # fmt: skip
+            "time_chunks": time_chunks, "lstm_loop": loop}  # fmt: skip
 
 
 def parse_tf_threads(spec: str) -> tuple[int, int, int, int]:

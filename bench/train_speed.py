@@ -32,7 +32,9 @@ STEPS_PER_WINDOW = {"000": 40, "001": 2}
 # two); PyTorch: "threads,interop". The first is used without a sweep (--quick).
 TF_CANDIDATES = ["2,2,1,1", "1,2,2,1", "1,2,2,2", "1,2,2,5", "1,2,2,10"]
 TORCH_CANDIDATES = ["2,1", "1,1"]
-IMPL_NAMES = ["keras", "fast", "fast-bf16", "torch", "torch-bf16"]
+# oneDNN's fused op runs its own thread per core: one inter-op thread (native_lstm.py).
+ONEDNN_CANDIDATES = ["2,1", "1,1"]
+IMPL_NAMES = ["keras", "fast", "fast-bf16", "onednn", "onednn-bf16", "torch", "torch-bf16"]
 
 
 def tf_worker(args) -> dict:
@@ -157,6 +159,8 @@ def run(args) -> dict:
             candidates = args.torch_threads if impl.startswith("torch") else args.tf_threads
             if impl == "keras":
                 candidates = _first_per_thread_pair(candidates)
+            if impl.startswith("onednn"):
+                candidates = args.onednn_threads
             tried = {}
             if len(candidates) > 1 and not args.quick:
                 for threads in candidates:
@@ -196,6 +200,9 @@ def main() -> None:
         nargs="+",
         default=TF_CANDIDATES,
         help="ours: intra,inter[,chains[,time_chunks]]",
+    )
+    parser.add_argument(
+        "--onednn-threads", nargs="+", default=ONEDNN_CANDIDATES, help="ours on oneDNN: intra,inter"
     )
     parser.add_argument(
         "--torch-threads", nargs="+", default=TORCH_CANDIDATES, help="PyTorch: threads,interop"

@@ -19,6 +19,7 @@ from charrnn_keras.errors import ConfigError, option
 
 CELLS = ("lstm", "gru", "rnn")
 MATMUL_DTYPES = ("float32", "bfloat16", "auto")
+LSTM_LOOPS = ("auto", "onednn", "tensorflow")
 DISTRIBUTE = ("none", "mirrored", "multi_worker")
 
 
@@ -60,6 +61,10 @@ class ModelConfig:
             TensorFlow's inter-op threads run side by side (same results).
         time_chunks: FastLSTM does its large matmuls in this many blocks of time steps, so
             they overlap the recurrence on another thread (same results up to rounding).
+        lstm_loop: FastLSTM's training loop: ``onednn``, oneDNN's fused LSTM op
+            (``native_lstm.py``, built by ``make install``; ``chains`` and ``time_chunks``
+            do not apply to it); ``tensorflow``, TensorFlow ops; ``auto``, the op where it is
+            built and no GPU is visible, else TensorFlow ops.
     """
 
     cell: str = "lstm"
@@ -71,6 +76,7 @@ class ModelConfig:
     matmul_dtype: str = "float32"
     chains: int = 1
     time_chunks: int = 1
+    lstm_loop: str = "auto"
 
 
 @dataclass
@@ -215,8 +221,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {m.matmul_dtype!r}"
         )
+    if m.lstm_loop not in LSTM_LOOPS:
+        raise ConfigError(
+            f"model.lstm_loop must be one of {', '.join(LSTM_LOOPS)}, got {m.lstm_loop!r}"
+        )
     fast_only = {"matmul_dtype": m.matmul_dtype != "float32", "chains": m.chains != 1,
-                 "time_chunks": m.time_chunks != 1}  # fmt: skip
+                 "time_chunks": m.time_chunks != 1,
+                 "lstm_loop": m.lstm_loop == "onednn"}  # fmt: skip
     for key, changed in fast_only.items():
         if changed and not (m.fast_lstm and m.cell == "lstm"):
             raise ConfigError(

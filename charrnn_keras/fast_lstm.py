@@ -25,6 +25,9 @@ What makes it faster on a CPU (figures in BENCHMARKS.md):
 - Optionally (``matmul_dtype="bfloat16"``) the training matmuls take bfloat16 operands, which
   CPUs with native bf16 (AVX512_BF16, AMX) multiply about twice as fast; the cell state, the
   gate arithmetic, the weights and the outputs stay float32.
+
+Faster still, where it is built (``native_lstm.py``), training runs oneDNN's fused LSTM
+primitive, the kernel PyTorch trains with on a CPU: ``loop="auto"`` takes it when it loads.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+
+from charrnn_keras import native_lstm
 
 MAX_UNROLL = 512  # longer sequences use Keras's loop: an unrolled graph grows with the length
 
@@ -237,13 +242,26 @@ class FastLSTM(keras.layers.LSTM):
             ``lstm_sequence``); more than 1 only pays with idle cores and inter-op threads.
         time_chunks: blocks of time steps for the input and weight-gradient matmuls (see
             ``lstm_sequence``); more than 1 lets inter-op threads overlap them with the loop.
+        loop: the training loop: ``"onednn"``, oneDNN's fused LSTM op (``native_lstm``; bf16
+            kernels when ``matmul_dtype`` is bfloat16, where ``chains`` and ``time_chunks``
+            do not apply); ``"tensorflow"``, ``lstm_sequence``'s TensorFlow ops; ``"auto"``,
+            the op where it is built, else TensorFlow ops.
     """
 
-    def __init__(self, units, matmul_dtype=None, chains=1, time_chunks=1, **kwargs):
+    LOOPS = ("auto", "onednn", "tensorflow")
+
+    def __init__(self, units, matmul_dtype=None, chains=1, time_chunks=1, loop="auto", **kwargs):
         super().__init__(units, **kwargs)
+        if loop not in self.LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(self.LOOPS)}, got {loop!r}")
         self.matmul_dtype = matmul_dtype
         self.chains = chains
         self.time_chunks = time_chunks
+        self.loop = loop
+
+    def uses_onednn(self) -> bool:
+        """Whether training runs oneDNN's fused op (``loop``, and whether it is built)."""
+        return self.loop == "onednn" or (self.loop == "auto" and native_lstm.available())
 
     def fast_path_ok(self, sequences, mask) -> bool:
         """Returns whether ``lstm_sequence`` computes what Keras's loop would for this call."""
@@ -268,6 +286,17 @@ class FastLSTM(keras.layers.LSTM):
             # One input mask for every step, as LSTMCell applies it.
             dp_mask = self.cell.get_dropout_mask(sequences[:, 0, :])
             sequences = sequences * tf.expand_dims(dp_mask, 1)
+        weights = [self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias]
+        if training and self.uses_onednn():
+            # Training only: what validation, sampling and the export run stays standard ops.
+            outputs, h, c = native_lstm.lstm_sequence(
+                sequences,
+                initial_state[0],
+                initial_state[1],
+                *(tf.convert_to_tensor(w) for w in weights),
+                bfloat16=tf.as_dtype(self.matmul_dtype or "float32") == tf.bfloat16,
+            )
+            return h, outputs, [h, c]
         outputs, h, c = lstm_sequence(
             sequences,
             initial_state[0],
@@ -287,6 +316,7 @@ class FastLSTM(keras.layers.LSTM):
             "matmul_dtype": self.matmul_dtype,
             "chains": self.chains,
             "time_chunks": self.time_chunks,
+            "loop": self.loop,
         }
 
 

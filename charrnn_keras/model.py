@@ -16,9 +16,11 @@ from pathlib import Path
 
 import h5py
 import keras
+import tensorflow as tf
 
-from charrnn_keras import atomic
+from charrnn_keras import atomic, native_lstm
 from charrnn_keras.config import ModelConfig, TrainConfig
+from charrnn_keras.errors import ConfigError
 from charrnn_keras.fast_lstm import FastLSTM, native_bf16
 from charrnn_keras.replicas import GlobalClipAdam, multi_worker_logs
 from charrnn_keras.vocab import Vocab
@@ -196,8 +198,31 @@ def _recurrent_layer(cfg: ModelConfig, name: str) -> keras.layers.RNN:
         matmul_dtype=None if dtype == "float32" else dtype,
         chains=cfg.chains,
         time_chunks=cfg.time_chunks,
+        loop=lstm_loop(cfg),
         **common,
     )
+
+
+def lstm_loop(cfg: ModelConfig) -> str:
+    """FastLSTM's training loop, ``onednn`` or ``tensorflow``: ``auto`` takes oneDNN's fused op
+    where it is built and no GPU is visible (the op runs on the CPU only).
+
+    Raises:
+        ConfigError: ``onednn`` was asked for and the op is not built.
+    """
+    if cfg.lstm_loop == "tensorflow":
+        return "tensorflow"
+    if not native_lstm.available():
+        if cfg.lstm_loop == "onednn":
+            raise ConfigError(
+                'model.lstm_loop = "onednn" needs the oneDNN LSTM op, which is not built: run '
+                "`python -m charrnn_keras.native_lstm` (make install does), or set "
+                'model.lstm_loop = "auto"'
+            )
+        return "tensorflow"
+    if cfg.lstm_loop == "auto" and tf.config.list_physical_devices("GPU"):
+        return "tensorflow"
+    return "onednn"
 
 
 def matmul_dtype(cfg: ModelConfig) -> str:
@@ -212,8 +237,11 @@ def compute_path(cfg: ModelConfig) -> dict:
     """What actually trains: the recurrent layer class and its matmul dtype (for run.json)."""
     layer = _LAYERS[cfg.cell]
     if cfg.fast_lstm and cfg.cell == "lstm":
+        loop = lstm_loop(cfg)
+        if loop == "onednn":
+            return {"layer": "FastLSTM", "matmul_dtype": matmul_dtype(cfg), "lstm_loop": loop}
         return {"layer": "FastLSTM", "matmul_dtype": matmul_dtype(cfg), "chains": cfg.chains,
-                "time_chunks": cfg.time_chunks}  # fmt: skip
+                "time_chunks": cfg.time_chunks, "lstm_loop": loop}  # fmt: skip
     return {"layer": f"keras.layers.{layer.__name__}", "matmul_dtype": "float32"}
 
 

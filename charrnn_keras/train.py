@@ -21,6 +21,7 @@ import tensorflow as tf
 from charrnn_keras.config import Config
 from charrnn_keras.distribute import agree, config_facts, make_topology
 from charrnn_keras.errors import DistributeError, Interrupted, TrainingStopped
+from charrnn_keras.model import lstm_loop
 from charrnn_keras.rundir import Status, find_checkpoint, load_weights, periodic_checkpoints
 from charrnn_keras.sampling import Sampler
 from charrnn_keras.session import SAMPLE_TEMPERATURE, Session, prepare, start
@@ -49,13 +50,25 @@ class TrainResult:
     stopped_early: str
 
 
+# One step of a layer's gate matmuls, in multiply-adds, below which oneDNN's LSTM runs faster
+# on one thread per op: 2 x 128 at batch 60 does 8M, 2 x 512 at batch 100 does 210M.
+ONEDNN_SMALL = 32 * 2**20
+
+
 def thread_pools(cfg: Config, cores: int | None = None) -> tuple[int, int]:
     """The (intra-op, inter-op) thread pools to use: the config's, or from the core count.
 
-    0 keeps TensorFlow's default (one thread per core in each pool), except for FastLSTM with
-    ``chains`` > 1: its chains are independent ops, so each gets ``cores // chains`` threads
-    and they run side by side (on 2 cores, 1 and 2: the fastest setting measured there,
-    BENCHMARKS.md, 1).
+    0 keeps TensorFlow's default (one thread per core in each pool), except with FastLSTM:
+
+    - on oneDNN's fused op (``model.lstm_loop``), which runs an intra-op pool's worth of its
+      own threads: never TensorFlow's default of both pools at full size, which puts two teams
+      on the same cores (3x slower). Large layers get every core for the op and one op at a
+      time; small ones (under ``ONEDNN_SMALL`` multiply-adds per step) one thread per op
+      and ops side by side (on 2 cores: 2 x 512 at 1.6x, 2 x 128 at 1.3x the other way;
+      BENCHMARKS.md, 1);
+    - with ``chains`` > 1 on TensorFlow ops: the chains are independent ops, so each gets
+      ``cores // chains`` threads and they run side by side (on 2 cores, 1 and 2: the fastest
+      setting measured there, BENCHMARKS.md, 1).
 
     Args:
         cfg: the run's settings.
@@ -66,8 +79,17 @@ def thread_pools(cfg: Config, cores: int | None = None) -> tuple[int, int]:
     """
     t, m = cfg.train, cfg.model
     intra, inter = t.intra_op_threads, t.inter_op_threads
-    if m.fast_lstm and m.cell == "lstm" and m.chains > 1:
-        cores = cores or os.cpu_count() or 1
+    if not (m.fast_lstm and m.cell == "lstm"):
+        return intra, inter
+    cores = cores or os.cpu_count() or 1
+    if lstm_loop(m) == "onednn":
+        gates = (
+            cfg.data.batch_size * 4 * m.rnn_size * (max(m.embedding_dim, m.rnn_size) + m.rnn_size)
+        )
+        if gates < ONEDNN_SMALL:
+            return intra or 1, inter or cores
+        return intra or cores, inter or 1
+    if m.chains > 1:
         intra = intra or max(1, cores // m.chains)
         inter = inter or m.chains
     return intra, inter

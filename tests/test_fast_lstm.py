@@ -13,9 +13,9 @@ BATCH, STEPS, FEATURES, UNITS = 3, 5, 4, 6
 
 
 def _pair(**kwargs):
-    """Returns (keras LSTM, FastLSTM) built with identical random weights."""
+    """Returns (keras LSTM, FastLSTM on TensorFlow ops) built with identical random weights."""
     ref = keras.layers.LSTM(UNITS, return_sequences=True, return_state=True, **kwargs)
-    fast = FastLSTM(UNITS, return_sequences=True, return_state=True, **kwargs)
+    fast = FastLSTM(UNITS, return_sequences=True, return_state=True, loop="tensorflow", **kwargs)
     ref.build((BATCH, STEPS, FEATURES))
     fast.build((BATCH, STEPS, FEATURES))
     rng = np.random.default_rng(0)
@@ -136,10 +136,15 @@ def test_chains_and_time_chunks_give_the_same_results(chains, time_chunks):
 
 
 def test_config_round_trip():
-    layer = FastLSTM(UNITS, matmul_dtype="bfloat16", chains=2, time_chunks=4, name="lstm_1")
+    layer = FastLSTM(UNITS, matmul_dtype="bfloat16", chains=2, time_chunks=4, loop="tensorflow",
+                     name="lstm_1")  # fmt: skip
     clone = keras.layers.deserialize(keras.layers.serialize(layer))
     assert isinstance(clone, FastLSTM)
-    assert (clone.matmul_dtype, clone.chains, clone.time_chunks) == ("bfloat16", 2, 4)
+    assert (clone.matmul_dtype, clone.chains, clone.time_chunks, clone.loop) == (
+        "bfloat16", 2, 4, "tensorflow"
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="loop must be one of auto, onednn, tensorflow, got 'x'"):
+        FastLSTM(UNITS, loop="x")
 
 
 # --- FastLSTM in the package: config keys, weights shared with keras.layers.LSTM, training ---
@@ -252,8 +257,10 @@ def test_defaults_train_lstm_layers_with_fast_lstm_and_say_so():
     cfg = load_config(None)
     layers = build_model(cfg.model, 5, 2, 4).layers
     assert any(isinstance(layer, FastLSTM) for layer in layers)
+    cfg = load_config(None, ["model.lstm_loop=tensorflow"])
     assert compute_path(cfg.model) == {"layer": "FastLSTM", "matmul_dtype": "float32",
-                                       "chains": 1, "time_chunks": 1}  # fmt: skip
+                                       "chains": 1, "time_chunks": 1,
+                                       "lstm_loop": "tensorflow"}  # fmt: skip
     # GRU and SimpleRNN configs are untouched by the default; FastLSTM-only keys are refused.
     gru = load_config(None, ["model.cell=gru"])
     assert compute_path(gru.model) == {"layer": "keras.layers.GRU", "matmul_dtype": "float32"}
@@ -281,9 +288,10 @@ def test_thread_pools_come_from_the_core_count_for_chains():
     from charrnn_keras.config import load_config
     from charrnn_keras.train import thread_pools
 
-    assert thread_pools(load_config(None)) == (0, 0)  # TensorFlow's default: one per core
-    chained = load_config(None, ["model.chains=2"])
+    tf_loop = "model.lstm_loop=tensorflow"  # the op's pools: test_native_lstm.py
+    assert thread_pools(load_config(None, [tf_loop])) == (0, 0)  # TensorFlow's: one per core
+    chained = load_config(None, [tf_loop, "model.chains=2"])
     assert thread_pools(chained, cores=2) == (1, 2)
     assert thread_pools(chained, cores=16) == (8, 2)
-    pinned = load_config(None, ["model.chains=2", "train.intra_op_threads=3"])
+    pinned = load_config(None, [tf_loop, "model.chains=2", "train.intra_op_threads=3"])
     assert thread_pools(pinned, cores=16) == (3, 2)

@@ -1,0 +1,192 @@
+"""oneDNN's fused LSTM primitive as a TensorFlow op, for training on a CPU.
+
+PyTorch trains its LSTMs on a CPU with oneDNN's LSTM primitive: one call runs the whole sequence
+(forward, and backward with the weight gradients), with no per-step graph ops at all. TensorFlow
+has no such op, and its own oneDNN copy is hidden inside its library, so
+``native/lstm_op.cc`` wraps the oneDNN that pip installs (``onednn-cpu-gomp``) in two ops,
+``CharrnnLstm`` and ``CharrnnLstmGrad``, built on the user's machine against the installed
+TensorFlow:
+
+    python -m charrnn_keras.native_lstm      # `make install` runs it
+
+Training only: validation, sampling and the SavedModel run standard TensorFlow ops, so the
+export stays loadable by stock TF Serving. Where the op is not built (no compiler, another
+platform), ``FastLSTM`` trains with its pure TensorFlow loop; run.json records which ran.
+
+The op runs its own threads (OpenMP, one per core), so it wants TensorFlow's inter-op pool at
+1: two ops running side by side would each start a team of OpenMP threads on the same cores
+(``train.thread_pools``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "lstm_op.cc"
+LIBRARY = SOURCE.with_name("_lstm_op.so")  # and _lstm_op.json: what it was built from
+
+
+class BuildError(RuntimeError):
+    """The op could not be compiled; the message ends with the compiler's last lines."""
+
+
+def _fingerprint() -> dict:
+    """What a built library must match to be loaded: this source and this TensorFlow."""
+    import tensorflow as tf
+
+    return {
+        "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "tensorflow": tf.version.VERSION,
+    }
+
+
+def _onednn_prefix() -> Path:
+    """Where pip put oneDNN's headers and library (a wheel's data files go under the prefix)."""
+    return Path(sysconfig.get_path("data"))
+
+
+def build(output: Path = LIBRARY) -> Path:
+    """Compiles the op against the installed TensorFlow and oneDNN.
+
+    Args:
+        output: the shared library to write (its ``.json`` stamp is written beside it).
+
+    Returns:
+        The library's path.
+
+    Raises:
+        BuildError: no oneDNN headers, or the compiler failed.
+    """
+    import tensorflow as tf
+
+    prefix = _onednn_prefix()
+    if not (prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file():
+        raise BuildError(
+            f"oneDNN's headers are not in {prefix / 'include'}: "
+            "pip install onednn-cpu-gomp onednn-devel-cpu-gomp"
+        )
+    output = Path(output)
+    partial = output.with_name(output.name + ".partial")
+    cmd = [
+        "g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-fopenmp", "-w",
+        str(SOURCE), "-o", str(partial),
+        *tf.sysconfig.get_compile_flags(),
+        f"-I{prefix / 'include'}",
+        *tf.sysconfig.get_link_flags(),
+        f"-L{prefix / 'lib'}", "-l:libdnnl.so.3", f"-Wl,-rpath,{prefix / 'lib'}",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise BuildError("no C++ compiler (g++) on PATH") from e
+    if done.returncode:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise BuildError(f"g++ failed:\n{tail}")
+    partial.replace(output)  # a library is either whole or absent
+    output.with_suffix(".json").write_text(json.dumps(_fingerprint()) + "\n")
+    load.cache_clear()
+    return output
+
+
+@functools.cache
+def load(library: Path = LIBRARY):
+    """Loads the built op, or returns None when it is not built or was built for another
+    TensorFlow or source (``build`` again).
+
+    Args:
+        library: the shared library; its ``.json`` stamp lies beside it.
+
+    Returns:
+        The op module (``charrnn_lstm``, ``charrnn_lstm_grad``), or None.
+    """
+    import tensorflow as tf
+
+    library = Path(library)
+    if not library.is_file():
+        return None
+    try:
+        stamp = json.loads(library.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if stamp != _fingerprint():
+        logger.info("%s was built for another TensorFlow or source; not used", library)
+        return None
+    try:
+        return tf.load_op_library(str(library))
+    except (tf.errors.NotFoundError, OSError) as e:
+        logger.info("%s did not load (%s); not used", library, e)
+        return None
+
+
+def available() -> bool:
+    """Whether the op is built and loads."""
+    return load() is not None
+
+
+def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, bfloat16=False):
+    """Runs an LSTM over a whole sequence with oneDNN's fused primitive.
+
+    Computes what ``keras.layers.LSTM`` computes (tanh, sigmoid gates, bias; gates in Keras
+    order i, f, c, o, which is oneDNN's), with oneDNN's backward pass as the gradient.
+
+    Args:
+        x: ``[batch, time, in]`` float32 inputs.
+        h0: ``[batch, units]`` initial output state.
+        c0: ``[batch, units]`` initial cell state.
+        kernel: ``[in, 4 * units]``.
+        recurrent_kernel: ``[units, 4 * units]``.
+        bias: ``[4 * units]``.
+        bfloat16: run oneDNN's bf16 kernels: inputs, outputs and hidden states rounded to
+            bf16 (as PyTorch's autocast does), products accumulated, the cell state and all
+            gradients kept, in float32.
+
+    Returns:
+        ``(outputs [batch, time, units], h_last, c_last)``, float32.
+    """
+    import tensorflow as tf
+
+    ops = load()
+    if ops is None:
+        raise RuntimeError("the oneDNN LSTM op is not built: python -m charrnn_keras.native_lstm")
+    data = tf.bfloat16 if bfloat16 else tf.float32
+
+    @tf.custom_gradient
+    def core(x, h0, c0, kernel, recurrent_kernel, bias):
+        x_in, h_in = tf.cast(x, data), tf.cast(h0, data)
+        weights = (kernel, recurrent_kernel, bias)
+        y, h, c, workspace = ops.charrnn_lstm(x_in, h_in, c0, *weights)
+
+        def grad(dy, dh, dc):
+            return ops.charrnn_lstm_grad(x_in, h_in, c0, *weights, y, h, c, workspace, dy, dh, dc)
+
+        return (tf.cast(y, tf.float32), tf.cast(h, tf.float32), c), grad
+
+    return core(x, h0, c0, kernel, recurrent_kernel, bias)
+
+
+def main() -> int:
+    """``python -m charrnn_keras.native_lstm``: builds the op; one line either way."""
+    from charrnn_keras.startup import load_tensorflow
+
+    load_tensorflow(verbose=False)
+    try:
+        path = build()
+    except BuildError as e:
+        print(f"charrnn: oneDNN LSTM op not built ({e}); training uses TensorFlow ops",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"built {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""oneDNN's fused LSTM op trains what keras.layers.LSTM computes, and only trains."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_fast_lstm import _inputs, _pair, _run
+
+from charrnn_keras import native_lstm
+from charrnn_keras.config import load_config
+
+# Where `make install` builds the op (it needs g++ and the onednn wheels, Linux x86-64 only),
+# it must load: a suite that skipped every test here would hide a broken build.
+BUILDABLE = platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("g++")
+needs_op = pytest.mark.skipif(not native_lstm.available(), reason="oneDNN LSTM op not built")
+
+
+def test_the_op_is_built_where_it_can_be():
+    if not BUILDABLE:
+        pytest.skip("the op is built on Linux x86-64 with g++ only")
+    assert native_lstm.available(), (
+        "make install did not build the op: python -m charrnn_keras.native_lstm"
+    )
+
+
+@needs_op
+@pytest.mark.parametrize("graph", [False, True])
+def test_training_outputs_states_and_gradients_match_keras(graph):
+    ref, fast = _pair()
+    fast.loop = "onednn"
+    x, h0, c0 = _inputs()
+    expected = _run(ref, x, h0, c0, graph, training=True)
+    got = _run(fast, x, h0, c0, graph, training=True)
+    for e, g in zip(expected[:3], got[:3], strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
+    names = ["dx", "dh0", "dc0", "dkernel", "drecurrent_kernel", "dbias"]
+    for name, e, g in zip(names, expected[3], got[3], strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@needs_op
+def test_the_op_is_what_runs_in_training_and_only_there():
+    _, fast = _pair()
+    fast.loop = "onednn"
+    x, h0, c0 = _inputs()
+
+    def ops(training):
+        graph = tf.function(lambda: fast(x, initial_state=[h0, c0], training=training))
+        return {op.type for op in graph.get_concrete_function().graph.get_operations()}
+
+    assert "CharrnnLstm" in ops(training=True)
+    assert not any(op.startswith("Charrnn") for op in ops(training=False))
+
+
+@needs_op
+def test_bfloat16_kernels_stay_close_to_float32():
+    ref, fast = _pair()
+    fast.loop, fast.matmul_dtype = "onednn", "bfloat16"
+    x, h0, c0 = _inputs()
+    expected, got = _run(ref, x, h0, c0, training=True), _run(fast, x, h0, c0, training=True)
+    assert got[0].dtype == tf.float32
+    assert np.abs(got[0].numpy() - expected[0].numpy()).max() > 1e-5  # bf16 did run
+    np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), atol=0.05)
+    for e, g in zip(expected[3], got[3], strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), atol=0.05 * np.abs(e.numpy()).max())
+
+
+@needs_op
+def test_the_op_refuses_mismatched_shapes():
+    ops = native_lstm.load()
+    x, h0, c0 = tf.zeros([2, 3, 4]), tf.zeros([2, 5]), tf.zeros([2, 5])
+    u, b = tf.zeros([5, 20]), tf.zeros([20])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"kernel must be \[in, 4 \* units\]"):
+        ops.charrnn_lstm(x, h0, c0, tf.zeros([3, 20]), u, b)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="h0 and c0 must be"):
+        ops.charrnn_lstm(x, tf.zeros([1, 5]), c0, tf.zeros([4, 20]), u, b)
+
+
+def test_a_library_built_for_another_tensorflow_is_not_loaded(tmp_path):
+    library = tmp_path / "_lstm_op.so"
+    assert native_lstm.load(library) is None  # not built
+    library.write_bytes(b"not a library")  # a load attempt would fail loudly
+    stamp = {**native_lstm._fingerprint(), "tensorflow": "2.0.0"}
+    library.with_suffix(".json").write_text(json.dumps(stamp))
+    assert native_lstm.load(library) is None
+
+
+def test_build_without_onednn_headers_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(native_lstm, "_onednn_prefix", lambda: tmp_path)
+    with pytest.raises(native_lstm.BuildError, match="pip install onednn-cpu-gomp"):
+        native_lstm.build(tmp_path / "_lstm_op.so")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_loop_follows_the_config_and_what_is_built(monkeypatch):
+    from charrnn_keras import model as model_lib
+    from charrnn_keras.errors import ConfigError
+
+    cfg = load_config(None).model
+    monkeypatch.setattr(native_lstm, "available", lambda: False)
+    assert model_lib.lstm_loop(cfg) == "tensorflow"
+    with pytest.raises(ConfigError, match='model.lstm_loop = "onednn" needs the oneDNN LSTM op'):
+        model_lib.lstm_loop(load_config(None, ["model.lstm_loop=onednn"]).model)
+    monkeypatch.setattr(native_lstm, "available", lambda: True)
+    assert model_lib.lstm_loop(cfg) == "onednn"
+    assert model_lib.compute_path(cfg) == {
+        "layer": "FastLSTM", "matmul_dtype": "float32", "lstm_loop": "onednn"
+    }  # fmt: skip
+    assert model_lib.lstm_loop(load_config(None, ["model.lstm_loop=tensorflow"]).model) == (
+        "tensorflow"
+    )
+    with pytest.raises(Exception, match="model.lstm_loop must be one of auto, onednn"):
+        load_config(None, ["model.lstm_loop=cudnn"])
+    with pytest.raises(Exception, match='needs model.cell = "lstm"'):
+        load_config(None, ["model.cell=gru", "model.lstm_loop=onednn"])
+
+
+def test_thread_pools_on_the_op_never_run_two_teams_on_the_same_cores(monkeypatch):
+    from charrnn_keras.train import thread_pools
+
+    monkeypatch.setattr(native_lstm, "available", lambda: True)
+    small = load_config(None)  # 64 rows x 128 units: one thread per op, ops side by side
+    assert thread_pools(small, cores=2) == (1, 2)
+    big = load_config(None, ["model.rnn_size=512", "data.batch_size=100"])
+    assert thread_pools(big, cores=2) == (2, 1)  # every core in the op, one op at a time
+    assert thread_pools(big, cores=16) == (16, 1)
+    pinned = load_config(None, ["model.rnn_size=512", "train.intra_op_threads=3"])
+    assert thread_pools(pinned, cores=16) == (3, 1)
+    # chains are a TensorFlow-loop setting: on the op they change nothing.
+    assert thread_pools(load_config(None, ["model.chains=2"]), cores=2) == (1, 2)
+
+
+@needs_op
+def test_a_run_trains_on_the_op_and_says_so(tiny_run):
+    info = json.loads((tiny_run / "run.json").read_text())
+    assert info["compute"]["lstm_loop"] == "onednn"
