@@ -33,7 +33,6 @@ CONFIGS = {
     "001": dict(num_layers=2, rnn_size=512, embedding_dim=512, batch_size=100, seq_length=100),
 }
 
-# Our implementations: Keras's own LSTM layer, FastLSTM in float32, FastLSTM with bf16 matmuls.
 # Our implementations: (FastLSTM's matmul dtype, its training loop); None is Keras's LSTM.
 IMPLS = {
     "keras": None,

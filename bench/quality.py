@@ -2,16 +2,17 @@
 
 Usage::
 
-    python bench/quality.py --minutes 30               # ~65 min: ours (fast-bf16), then torch
-    python bench/quality.py --minutes 2 --impls fast-bf16 fast torch   # a short comparison
+    python bench/quality.py --minutes 30               # ~65 min: ours (onednn-bf16), then torch
+    python bench/quality.py --minutes 2 --impls onednn-bf16 fast-bf16 torch   # a short one
 
 Every implementation trains the model of ``--config`` (default configs/shakespeare_fast.toml)
 on tinyshakespeare with the last 10% held out, for ``--minutes`` of training wall time, in its
 own process: ours through ``build_model``/``compile_model``/``model.fit`` (FastLSTM with
-float32 or bf16 matmuls, or Keras's LSTM), PyTorch with ``torch_ref.Trainer`` (same model, loss,
-Adam, clipping, carried state, per-epoch learning-rate decay and state reset). Every
-``--eval-every`` seconds of training, and at the end, the clock stops and the whole validation
-split is scored from a zero state (nats/char; bits = nats / ln 2). Results go to
+float32 or bf16 matmuls, on TensorFlow ops or oneDNN's fused op, or Keras's LSTM), PyTorch
+with ``torch_ref.Trainer`` (same model, loss, Adam, clipping, carried state, per-epoch
+learning-rate decay and state reset). Every ``--eval-every`` seconds of training, and at the
+end, the clock stops and the whole validation split is scored from a zero state (nats/char;
+bits = nats / ln 2). Results go to
 ``bench/results/quality.json`` and the plot of validation loss against training time to
 ``bench/results/quality.png``.
 """
@@ -256,6 +257,7 @@ def run(args) -> dict:
     }
     for impl in args.impls:
         threads = args.torch_threads if impl.startswith("torch") else args.tf_threads
+        threads = args.onednn_threads if impl.startswith("onednn") else threads
         worker_args = ["--worker", "--impl", impl, "--threads", threads]
         worker_args += ["--minutes", str(args.minutes), "--eval-every", str(args.eval_every)]
         worker_args += ["--config", str(args.config)]
@@ -286,11 +288,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30, help="training budget per run")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a charrnn TOML config")
-    parser.add_argument("--impls", nargs="+", default=["fast-bf16", "torch"])
+    parser.add_argument("--impls", nargs="+", default=["onednn-bf16", "torch"])
     parser.add_argument("--eval-every", type=float, default=60, help="seconds between evals")
     parser.add_argument(
         "--tf-threads", default="1,2,2,10", help="ours: intra,inter[,chains[,time_chunks]]"
     )
+    parser.add_argument("--onednn-threads", default="2,1", help="ours on oneDNN: intra,inter")
     parser.add_argument("--torch-threads", default="2,1", help="PyTorch: threads,interop")
     parser.add_argument(
         "--ema",

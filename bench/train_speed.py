@@ -10,10 +10,11 @@ For each config (``common.CONFIGS``) every implementation runs in its own proces
 ``model.fit`` over the package's tf.data pipeline with Keras's LSTM (``keras``), with FastLSTM
 (``fast``), with FastLSTM and bf16 matmuls (``fast-bf16``), and the PyTorch reference
 (``torch``; ``torch-bf16`` under CPU autocast). Each first tries its candidate thread settings
-in one short window apiece and keeps the fastest; then, after a warm-up, it times
-``--windows`` windows of several steps. The float32 and bf16 rates of a 2048x2048 TensorFlow
-matmul are measured in the same run to turn characters per second into a fraction of the
-machine's matmul rate. Results go to ``bench/results/train_speed.json``.
+in one short window apiece and keeps the fastest; then ``--rounds`` rounds take the
+implementations in turn, each a fresh process timing ``--windows`` windows of several steps
+after a warm-up, so that the machine's drift hits them alike. The float32 and bf16 rates of a
+2048x2048 TensorFlow matmul are measured in the same run to turn characters per second into a
+fraction of the machine's matmul rate. Results go to ``bench/results/train_speed.json``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ STEPS_PER_WINDOW = {"000": 40, "001": 2}
 TF_CANDIDATES = ["2,2,1,1", "1,2,2,1", "1,2,2,2", "1,2,2,5", "1,2,2,10"]
 TORCH_CANDIDATES = ["2,1", "1,1"]
 # oneDNN's fused op runs its own thread per core: one inter-op thread (native_lstm.py).
-ONEDNN_CANDIDATES = ["2,1", "1,1"]
+ONEDNN_CANDIDATES = ["2,1", "1,2", "1,1"]
 IMPL_NAMES = ["keras", "fast", "fast-bf16", "onednn", "onednn-bf16", "torch", "torch-bf16"]
 
 
@@ -155,6 +156,7 @@ def run(args) -> dict:
         chars_per_window = shape["batch_size"] * shape["seq_length"] * steps
         flops = common.train_flops_per_char(**shape)
         entry = {"shape": shape, "train_flops_per_char": flops, "impls": {}}
+        best = {}
         for impl in args.impls:
             candidates = args.torch_threads if impl.startswith("torch") else args.tf_threads
             if impl == "keras":
@@ -167,21 +169,34 @@ def run(args) -> dict:
                     trial = _measure(impl, config, threads, 1, steps, 2, timeout)
                     tried[threads] = round(_rate(trial, chars_per_window))
                     print(f"{config} {impl} try {threads}: {tried[threads]:,} chars/s", flush=True)
-                best = max(candidates, key=lambda c: tried[c])
+                best[impl] = max(candidates, key=lambda c: tried[c])
             else:
-                best = candidates[0]
-            r = _measure(impl, config, best, windows, steps, 2 if args.quick else 3, timeout)
-            r.update(threads=best, sweep=tried)
+                best[impl] = candidates[0]
+            entry["impls"][impl] = {"threads": best[impl], "sweep": tried, "seconds": []}
+        # Rounds of one process per implementation, in turn: drift hits every one alike.
+        for _ in range(1 if args.quick else args.rounds):
+            for impl in args.impls:
+                r = entry["impls"][impl]
+                if "error" in r:
+                    continue
+                got = _measure(impl, config, best[impl], windows, steps, 2 if args.quick else 3,
+                               timeout)  # fmt: skip
+                if "error" in got:
+                    r["error"] = got["error"]
+                    print(f"{config} {impl}: {got['error']}", flush=True)
+                    continue
+                r["seconds"] += got["seconds"]
+                r.setdefault("final_loss", got.get("final_loss"))
+        for impl in args.impls:
+            r = entry["impls"][impl]
             if "error" in r:
-                print(f"{config} {impl}: {r['error']}", flush=True)
-            else:
-                r["chars_per_s"] = common.stats(chars_per_window / s for s in r["seconds"])
-                med = r["chars_per_s"]["median"]
-                for dtype, rate in rates.items():
-                    if "error" not in rate:
-                        r[f"fraction_of_{dtype}_matmul"] = med * flops / 1e9 / rate["median"]
-                print(f"{config} {impl} ({best}): {med:,.0f} chars/s median", flush=True)
-            entry["impls"][impl] = r
+                continue
+            r["chars_per_s"] = common.stats(chars_per_window / s for s in r["seconds"])
+            med = r["chars_per_s"]["median"]
+            for dtype, rate in rates.items():
+                if "error" not in rate:
+                    r[f"fraction_of_{dtype}_matmul"] = med * flops / 1e9 / rate["median"]
+            print(f"{config} {impl} ({best[impl]}): {med:,.0f} chars/s median", flush=True)
         results["configs"][config] = entry
     common.RESULTS.mkdir(exist_ok=True)
     out = common.RESULTS / ("train_speed_quick.json" if args.quick else "train_speed.json")
@@ -192,6 +207,9 @@ def run(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="no sweep, 2 short windows")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="processes per implementation, taken in turn"
+    )
     parser.add_argument("--configs", nargs="+", default=list(common.CONFIGS))
     parser.add_argument("--impls", nargs="+", default=IMPL_NAMES, help=", ".join(IMPL_NAMES))
     parser.add_argument("--windows", type=int, default=5, help="timed windows")

@@ -264,7 +264,8 @@ class FastLSTM(keras.layers.LSTM):
         return self.loop == "onednn" or (self.loop == "auto" and native_lstm.available())
 
     def fast_path_ok(self, sequences, mask) -> bool:
-        """Returns whether ``lstm_sequence`` computes what Keras's loop would for this call."""
+        """Returns whether the fast loops compute what Keras's loop would for this call (the
+        TensorFlow loop also needs at most ``MAX_UNROLL`` steps)."""
         cell = self.cell
         steps = sequences.shape[1]
         return (
@@ -272,7 +273,7 @@ class FastLSTM(keras.layers.LSTM):
             and mask is None
             and not self.go_backwards
             and steps is not None
-            and 1 < steps <= MAX_UNROLL
+            and steps > 1
             and cell.use_bias
             and not cell.recurrent_dropout
             and cell.activation is keras.activations.tanh
@@ -282,32 +283,32 @@ class FastLSTM(keras.layers.LSTM):
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if not self.fast_path_ok(sequences, mask):
             return super().inner_loop(sequences, initial_state, mask, training=training)
+        onednn = training and self.uses_onednn()
+        if not onednn and sequences.shape[1] > MAX_UNROLL:
+            return super().inner_loop(sequences, initial_state, mask, training=training)
         if training and self.cell.dropout:
             # One input mask for every step, as LSTMCell applies it.
             dp_mask = self.cell.get_dropout_mask(sequences[:, 0, :])
             sequences = sequences * tf.expand_dims(dp_mask, 1)
-        weights = [self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias]
-        if training and self.uses_onednn():
+        weights = [
+            tf.convert_to_tensor(w)
+            for w in (self.cell.kernel, self.cell.recurrent_kernel, self.cell.bias)
+        ]
+        if onednn:
             # Training only: what validation, sampling and the export run stays standard ops.
+            bf16 = tf.as_dtype(self.matmul_dtype or "float32") == tf.bfloat16
             outputs, h, c = native_lstm.lstm_sequence(
-                sequences,
-                initial_state[0],
-                initial_state[1],
-                *(tf.convert_to_tensor(w) for w in weights),
-                bfloat16=tf.as_dtype(self.matmul_dtype or "float32") == tf.bfloat16,
+                sequences, *initial_state, *weights, bfloat16=bf16
             )
-            return h, outputs, [h, c]
-        outputs, h, c = lstm_sequence(
-            sequences,
-            initial_state[0],
-            initial_state[1],
-            tf.convert_to_tensor(self.cell.kernel),
-            tf.convert_to_tensor(self.cell.recurrent_kernel),
-            tf.convert_to_tensor(self.cell.bias),
-            matmul_dtype=self.matmul_dtype if training else None,
-            chains=self.chains,
-            time_chunks=self.time_chunks,
-        )
+        else:
+            outputs, h, c = lstm_sequence(
+                sequences,
+                *initial_state,
+                *weights,
+                matmul_dtype=self.matmul_dtype if training else None,
+                chains=self.chains,
+                time_chunks=self.time_chunks,
+            )
         return h, outputs, [h, c]
 
     def get_config(self):

@@ -124,18 +124,38 @@ def test_thread_pools_on_the_op_never_run_two_teams_on_the_same_cores(monkeypatc
     from charrnn_keras.train import thread_pools
 
     monkeypatch.setattr(native_lstm, "available", lambda: True)
-    small = load_config(None)  # 64 rows x 128 units: one thread per op, ops side by side
-    assert thread_pools(small, cores=2) == (1, 2)
-    big = load_config(None, ["model.rnn_size=512", "data.batch_size=100"])
-    assert thread_pools(big, cores=2) == (2, 1)  # every core in the op, one op at a time
+    # 64 rows x 128 units: every core in the op, one op at a time in float32; in bf16, which
+    # multiplies ~4x faster, one thread per op and ops side by side.
+    assert thread_pools(load_config(None), cores=2) == (2, 1)
+    assert thread_pools(load_config(None, ["model.matmul_dtype=bfloat16"]), cores=2) == (1, 2)
+    big = load_config(None, ["model.rnn_size=512", "model.matmul_dtype=bfloat16"])
+    assert thread_pools(big, cores=2) == (2, 1)
     assert thread_pools(big, cores=16) == (16, 1)
+    tiny = load_config(None, ["model.rnn_size=16", "data.batch_size=4"])
+    assert thread_pools(tiny, cores=2) == (1, 2)
     pinned = load_config(None, ["model.rnn_size=512", "train.intra_op_threads=3"])
     assert thread_pools(pinned, cores=16) == (3, 1)
     # chains are a TensorFlow-loop setting: on the op they change nothing.
-    assert thread_pools(load_config(None, ["model.chains=2"]), cores=2) == (1, 2)
+    assert thread_pools(load_config(None, ["model.chains=2"]), cores=2) == (2, 1)
 
 
 @needs_op
 def test_a_run_trains_on_the_op_and_says_so(tiny_run):
     info = json.loads((tiny_run / "run.json").read_text())
     assert info["compute"]["lstm_loop"] == "onednn"
+
+
+@needs_op
+def test_sequences_too_long_to_unroll_still_train_on_the_op(monkeypatch):
+    from charrnn_keras import fast_lstm
+
+    monkeypatch.setattr(fast_lstm, "MAX_UNROLL", 3)  # the inputs have 5 steps
+    ref, fast = _pair()
+    fast.loop = "onednn"
+    x, h0, c0 = _inputs()
+    for training in (True, False):  # inference: Keras's loop, no unrolled graph
+        expected = _run(ref, x, h0, c0, graph=True, training=training)
+        got = _run(fast, x, h0, c0, graph=True, training=training)
+        np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), rtol=1e-5, atol=1e-5)
+        for e, g in zip(expected[3], got[3], strict=True):
+            np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-5)

@@ -80,37 +80,38 @@ std::shared_ptr<Primitives> Create(const Key& key) {
   dt data = bf16 ? dt::bf16 : dt::f32;
   Descs d = MakeDescs(key);
   auto& eng = Engine();
-  auto p = std::make_shared<Primitives>();
+  auto owned = std::make_shared<Primitives>();
+  Primitives& p = *owned;
   memory::desc w_any({1, 1, in, 4, u}, data, tag::any);
   memory::desc u_any({1, 1, u, 4, u}, data, tag::any);
   // Scratch memory comes from TensorFlow with each call: oneDNN's own global scratchpad is not
   // safe when TensorFlow runs primitives from several threads.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  p->fwd_pd = dnnl::lstm_forward::primitive_desc(
+  p.fwd_pd = dnnl::lstm_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training, dnnl::rnn_direction::unidirectional_left2right,
       d.layer_in, d.iter, d.iter_c, w_any, u_any, d.bias, d.layer_out, d.iter, d.iter_c, attr);
-  p->fwd = dnnl::lstm_forward(p->fwd_pd);
+  p.fwd = dnnl::lstm_forward(p.fwd_pd);
   memory::desc dw_any({1, 1, in, 4, u}, dt::f32, tag::any);
   memory::desc du_any({1, 1, u, 4, u}, dt::f32, tag::any);
-  p->bwd_pd = dnnl::lstm_backward::primitive_desc(
+  p.bwd_pd = dnnl::lstm_backward::primitive_desc(
       eng, dnnl::prop_kind::backward, dnnl::rnn_direction::unidirectional_left2right,
       d.layer_in, d.iter, d.iter_c, w_any, u_any, d.bias, d.layer_out, d.iter, d.iter_c,
       d.diff_in, d.diff_iter, d.iter_c, dw_any, du_any, d.bias, d.diff_out, d.diff_iter, d.iter_c,
-      p->fwd_pd, attr);
-  p->bwd = dnnl::lstm_backward(p->bwd_pd);
+      p.fwd_pd, attr);
+  p.bwd = dnnl::lstm_backward(p.bwd_pd);
   auto reorder = [&](const memory::desc& from, const memory::desc& to) {
     return dnnl::reorder(dnnl::reorder::primitive_desc(eng, from, eng, to));
   };
-  p->fwd_w = reorder(d.w_user, p->fwd_pd.weights_layer_desc());
-  p->fwd_u = reorder(d.u_user, p->fwd_pd.weights_iter_desc());
-  p->bwd_w = reorder(d.w_user, p->bwd_pd.weights_layer_desc());
-  p->bwd_u = reorder(d.u_user, p->bwd_pd.weights_iter_desc());
-  p->dw_direct = p->bwd_pd.diff_weights_layer_desc() == d.w_user;
-  p->du_direct = p->bwd_pd.diff_weights_iter_desc() == d.u_user;
-  if (!p->dw_direct) p->bwd_dw = reorder(p->bwd_pd.diff_weights_layer_desc(), d.w_user);
-  if (!p->du_direct) p->bwd_du = reorder(p->bwd_pd.diff_weights_iter_desc(), d.u_user);
-  return p;
+  p.fwd_w = reorder(d.w_user, p.fwd_pd.weights_layer_desc());
+  p.fwd_u = reorder(d.u_user, p.fwd_pd.weights_iter_desc());
+  p.bwd_w = reorder(d.w_user, p.bwd_pd.weights_layer_desc());
+  p.bwd_u = reorder(d.u_user, p.bwd_pd.weights_iter_desc());
+  p.dw_direct = p.bwd_pd.diff_weights_layer_desc() == d.w_user;
+  p.du_direct = p.bwd_pd.diff_weights_iter_desc() == d.u_user;
+  if (!p.dw_direct) p.bwd_dw = reorder(p.bwd_pd.diff_weights_layer_desc(), d.w_user);
+  if (!p.du_direct) p.bwd_du = reorder(p.bwd_pd.diff_weights_iter_desc(), d.u_user);
+  return owned;
 }
 
 std::shared_ptr<Primitives> Get(const Key& key) {
@@ -167,50 +168,59 @@ bool ReadKey(OpKernelContext* ctx, bool bf16, Key* key) {
   return true;
 }
 
-class LstmOp : public OpKernel {
+// What both ops share: the layer data type, the shapes' checks, the primitives, the threads,
+// and oneDNN's exceptions turned into a TensorFlow error.
+class LstmKernel : public OpKernel {
  public:
-  explicit LstmOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit LstmKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     DataType type;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &type));
     bf16_ = type == tensorflow::DT_BFLOAT16;
   }
 
   void Compute(OpKernelContext* ctx) override {
+    Key key;
+    if (!ReadKey(ctx, bf16_, &key)) return;
+    UseIntraOpThreads(ctx);
     try {
-      Run(ctx);
+      Run(ctx, key, *Get(key), MakeDescs(key));
     } catch (const dnnl::error& e) {
       ctx->CtxFailure(tensorflow::errors::Internal("oneDNN LSTM: ", e.what()));
     }
   }
 
+ protected:
+  virtual void Run(OpKernelContext* ctx, const Key& key, Primitives& p, const Descs& d) = 0;
+
  private:
-  void Run(OpKernelContext* ctx) {
-    Key key;
-    if (!ReadKey(ctx, bf16_, &key)) return;
+  bool bf16_;
+};
+
+class LstmOp : public LstmKernel {
+ public:
+  using LstmKernel::LstmKernel;
+
+ protected:
+  void Run(OpKernelContext* ctx, const Key& key, Primitives& p, const Descs& d) override {
     auto [t, n, in, units, bf16] = key;
-    UseIntraOpThreads(ctx);
-    auto p = Get(key);
-    Descs d = MakeDescs(key);
-    DataType type = ctx->input(0).dtype();
     Tensor *y, *h, *c, *ws;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, t, units}), &y));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({n, units}), &h));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n, units}), &c));
-    int64_t ws_bytes = static_cast<int64_t>(p->fwd_pd.workspace_desc().get_size());
+    int64_t ws_bytes = static_cast<int64_t>(p.fwd_pd.workspace_desc().get_size());
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({ws_bytes}), &ws));
-    (void)type;
     auto& eng = Engine();
     dnnl::stream s(eng);
     Tensor w_buf, u_buf, pad_buf;
-    memory w = Scratch(ctx, p->fwd_pd.weights_layer_desc(), &w_buf);
-    memory u = Scratch(ctx, p->fwd_pd.weights_iter_desc(), &u_buf);
-    memory pad = Scratch(ctx, p->fwd_pd.scratchpad_desc(), &pad_buf);
+    memory w = Scratch(ctx, p.fwd_pd.weights_layer_desc(), &w_buf);
+    memory u = Scratch(ctx, p.fwd_pd.weights_iter_desc(), &u_buf);
+    memory pad = Scratch(ctx, p.fwd_pd.scratchpad_desc(), &pad_buf);
     if (!ctx->status().ok()) return;
     memory w_user(d.w_user, eng, Data(ctx->input(3)));
     memory u_user(d.u_user, eng, Data(ctx->input(4)));
-    p->fwd_w.execute(s, w_user, w);
-    p->fwd_u.execute(s, u_user, u);
-    p->fwd.execute(s, {{DNNL_ARG_SRC_LAYER, memory(d.layer_in, eng, Data(ctx->input(0)))},
+    p.fwd_w.execute(s, w_user, w);
+    p.fwd_u.execute(s, u_user, u);
+    p.fwd.execute(s, {{DNNL_ARG_SRC_LAYER, memory(d.layer_in, eng, Data(ctx->input(0)))},
                        {DNNL_ARG_SRC_ITER, memory(d.iter, eng, Data(ctx->input(1)))},
                        {DNNL_ARG_SRC_ITER_C, memory(d.iter_c, eng, Data(ctx->input(2)))},
                        {DNNL_ARG_WEIGHTS_LAYER, w},
@@ -219,40 +229,21 @@ class LstmOp : public OpKernel {
                        {DNNL_ARG_DST_LAYER, memory(d.layer_out, eng, Data(*y))},
                        {DNNL_ARG_DST_ITER, memory(d.iter, eng, Data(*h))},
                        {DNNL_ARG_DST_ITER_C, memory(d.iter_c, eng, Data(*c))},
-                       {DNNL_ARG_WORKSPACE, memory(p->fwd_pd.workspace_desc(), eng, Data(*ws))},
+                       {DNNL_ARG_WORKSPACE, memory(p.fwd_pd.workspace_desc(), eng, Data(*ws))},
                        {DNNL_ARG_SCRATCHPAD, pad}});
     s.wait();
   }
-
-  bool bf16_;
 };
 
-class LstmGradOp : public OpKernel {
+class LstmGradOp : public LstmKernel {
  public:
-  explicit LstmGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    DataType type;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("T", &type));
-    bf16_ = type == tensorflow::DT_BFLOAT16;
-  }
+  using LstmKernel::LstmKernel;
 
-  void Compute(OpKernelContext* ctx) override {
-    try {
-      Run(ctx);
-    } catch (const dnnl::error& e) {
-      ctx->CtxFailure(tensorflow::errors::Internal("oneDNN LSTM: ", e.what()));
-    }
-  }
-
- private:
-  void Run(OpKernelContext* ctx) {
-    Key key;
-    if (!ReadKey(ctx, bf16_, &key)) return;
+ protected:
+  void Run(OpKernelContext* ctx, const Key& key, Primitives& p, const Descs& d) override {
     auto [t, n, in, units, bf16] = key;
-    UseIntraOpThreads(ctx);
-    auto p = Get(key);
-    Descs d = MakeDescs(key);
     const Tensor& ws = ctx->input(9);
-    OP_REQUIRES(ctx, ws.NumElements() == int64_t(p->fwd_pd.workspace_desc().get_size()),
+    OP_REQUIRES(ctx, ws.NumElements() == int64_t(p.fwd_pd.workspace_desc().get_size()),
                 tensorflow::errors::InvalidArgument("workspace does not match the shapes"));
     Tensor *dx, *dh0, *dc0, *dw, *du, *db;
     TensorShape seq({n, t, units}), state({n, units});
@@ -268,25 +259,25 @@ class LstmGradOp : public OpKernel {
     auto& eng = Engine();
     dnnl::stream s(eng);
     Tensor w_buf, u_buf, dw_buf, du_buf, pad_buf;
-    memory pad = Scratch(ctx, p->bwd_pd.scratchpad_desc(), &pad_buf);
-    memory w = Scratch(ctx, p->bwd_pd.weights_layer_desc(), &w_buf);
-    memory u = Scratch(ctx, p->bwd_pd.weights_iter_desc(), &u_buf);
+    memory pad = Scratch(ctx, p.bwd_pd.scratchpad_desc(), &pad_buf);
+    memory w = Scratch(ctx, p.bwd_pd.weights_layer_desc(), &w_buf);
+    memory u = Scratch(ctx, p.bwd_pd.weights_iter_desc(), &u_buf);
     memory dw_user(d.w_user, eng, Data(*dw));
     memory du_user(d.u_user, eng, Data(*du));
-    memory dw_mem = p->dw_direct ? dw_user
-                                 : Scratch(ctx, p->bwd_pd.diff_weights_layer_desc(), &dw_buf);
-    memory du_mem = p->du_direct ? du_user
-                                 : Scratch(ctx, p->bwd_pd.diff_weights_iter_desc(), &du_buf);
+    memory dw_mem = p.dw_direct ? dw_user
+                                 : Scratch(ctx, p.bwd_pd.diff_weights_layer_desc(), &dw_buf);
+    memory du_mem = p.du_direct ? du_user
+                                 : Scratch(ctx, p.bwd_pd.diff_weights_iter_desc(), &du_buf);
     if (!ctx->status().ok()) return;
     memory w_user(d.w_user, eng, Data(ctx->input(3)));
     memory u_user(d.u_user, eng, Data(ctx->input(4)));
-    p->bwd_w.execute(s, w_user, w);
-    p->bwd_u.execute(s, u_user, u);
+    p.bwd_w.execute(s, w_user, w);
+    p.bwd_u.execute(s, u_user, u);
     // oneDNN adds the weight gradients into these buffers.
     std::memset(dw_mem.get_data_handle(), 0, dw_mem.get_desc().get_size());
     std::memset(du_mem.get_data_handle(), 0, du_mem.get_desc().get_size());
     std::memset(Data(*db), 0, db->TotalBytes());
-    p->bwd.execute(s, {{DNNL_ARG_SRC_LAYER, memory(d.layer_in, eng, Data(ctx->input(0)))},
+    p.bwd.execute(s, {{DNNL_ARG_SRC_LAYER, memory(d.layer_in, eng, Data(ctx->input(0)))},
                        {DNNL_ARG_SRC_ITER, memory(d.iter, eng, Data(ctx->input(1)))},
                        {DNNL_ARG_SRC_ITER_C, memory(d.iter_c, eng, Data(ctx->input(2)))},
                        {DNNL_ARG_WEIGHTS_LAYER, w},
@@ -295,7 +286,7 @@ class LstmGradOp : public OpKernel {
                        {DNNL_ARG_DST_LAYER, memory(d.layer_out, eng, Data(ctx->input(6)))},
                        {DNNL_ARG_DST_ITER, memory(d.iter, eng, Data(ctx->input(7)))},
                        {DNNL_ARG_DST_ITER_C, memory(d.iter_c, eng, Data(ctx->input(8)))},
-                       {DNNL_ARG_WORKSPACE, memory(p->fwd_pd.workspace_desc(), eng, Data(ws))},
+                       {DNNL_ARG_WORKSPACE, memory(p.fwd_pd.workspace_desc(), eng, Data(ws))},
                        {DNNL_ARG_DIFF_DST_LAYER, memory(d.diff_out, eng, Data(ctx->input(10)))},
                        {DNNL_ARG_DIFF_DST_ITER, memory(d.diff_iter, eng, Data(ctx->input(11)))},
                        {DNNL_ARG_DIFF_DST_ITER_C, memory(d.iter_c, eng, Data(ctx->input(12)))},
@@ -306,12 +297,10 @@ class LstmGradOp : public OpKernel {
                        {DNNL_ARG_DIFF_WEIGHTS_ITER, du_mem},
                        {DNNL_ARG_DIFF_BIAS, memory(d.bias, eng, Data(*db))},
                        {DNNL_ARG_SCRATCHPAD, pad}});
-    if (!p->dw_direct) p->bwd_dw.execute(s, dw_mem, dw_user);
-    if (!p->du_direct) p->bwd_du.execute(s, du_mem, du_user);
+    if (!p.dw_direct) p.bwd_dw.execute(s, dw_mem, dw_user);
+    if (!p.du_direct) p.bwd_du.execute(s, du_mem, du_user);
     s.wait();
   }
-
-  bool bf16_;
 };
 
 tensorflow::Status LstmShape(InferenceContext* c) {
