@@ -4,8 +4,8 @@
 ``[in, 4u]``, ``recurrent_kernel`` ``[u, 4u]``, ``bias`` ``[4u]``, gates in Keras order i, f, c,
 o), the same weight files, and ``layer.cell(x, states)`` works as before. Only the sequence loop
 differs, and only on the TensorFlow backend; anything it does not cover (masks, recurrent
-dropout, ``go_backwards``, other activations, no bias, single steps, unknown or long sequence
-length) runs Keras's own loop.
+dropout, ``go_backwards``, other activations, no bias, single steps, unknown sequence length,
+or over ``MAX_UNROLL`` steps except in training on oneDNN's op) runs Keras's own loop.
 
 What makes it faster on a CPU (figures in BENCHMARKS.md):
 
@@ -245,7 +245,8 @@ class FastLSTM(keras.layers.LSTM):
         loop: the training loop: ``"onednn"``, oneDNN's fused LSTM op (``native_lstm``; bf16
             kernels when ``matmul_dtype`` is bfloat16, where ``chains`` and ``time_chunks``
             do not apply); ``"tensorflow"``, ``lstm_sequence``'s TensorFlow ops; ``"auto"``,
-            the op where it is built, else TensorFlow ops.
+            the op where it is built and no GPU is visible, else TensorFlow ops. Resolved when
+            the layer first trains, so models that never train never load the op.
     """
 
     LOOPS = ("auto", "onednn", "tensorflow")
@@ -260,8 +261,8 @@ class FastLSTM(keras.layers.LSTM):
         self.loop = loop
 
     def uses_onednn(self) -> bool:
-        """Whether training runs oneDNN's fused op (``loop``, and whether it is built)."""
-        return self.loop == "onednn" or (self.loop == "auto" and native_lstm.available())
+        """Whether training runs oneDNN's fused op (``native_lstm.resolve``)."""
+        return native_lstm.resolve(self.loop) == "onednn"
 
     def fast_path_ok(self, sequences, mask) -> bool:
         """Returns whether the fast loops compute what Keras's loop would for this call (the

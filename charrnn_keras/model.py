@@ -16,11 +16,9 @@ from pathlib import Path
 
 import h5py
 import keras
-import tensorflow as tf
 
 from charrnn_keras import atomic, native_lstm
 from charrnn_keras.config import ModelConfig, TrainConfig
-from charrnn_keras.errors import ConfigError
 from charrnn_keras.fast_lstm import FastLSTM, native_bf16
 from charrnn_keras.replicas import GlobalClipAdam, multi_worker_logs
 from charrnn_keras.vocab import Vocab
@@ -198,31 +196,18 @@ def _recurrent_layer(cfg: ModelConfig, name: str) -> keras.layers.RNN:
         matmul_dtype=None if dtype == "float32" else dtype,
         chains=cfg.chains,
         time_chunks=cfg.time_chunks,
-        loop=lstm_loop(cfg),
+        loop=cfg.lstm_loop,  # resolved when it trains: sampling models never load the op
         **common,
     )
 
 
 def lstm_loop(cfg: ModelConfig) -> str:
-    """FastLSTM's training loop, ``onednn`` or ``tensorflow``: ``auto`` takes oneDNN's fused op
-    where it is built and no GPU is visible (the op runs on the CPU only).
+    """FastLSTM's training loop for ``cfg``, ``onednn`` or ``tensorflow`` (``native_lstm.resolve``).
 
     Raises:
         ConfigError: ``onednn`` was asked for and the op is not built.
     """
-    if cfg.lstm_loop == "tensorflow":
-        return "tensorflow"
-    if not native_lstm.available():
-        if cfg.lstm_loop == "onednn":
-            raise ConfigError(
-                'model.lstm_loop = "onednn" needs the oneDNN LSTM op, which is not built: run '
-                "`python -m charrnn_keras.native_lstm` (make install does), or set "
-                'model.lstm_loop = "auto"'
-            )
-        return "tensorflow"
-    if cfg.lstm_loop == "auto" and tf.config.list_physical_devices("GPU"):
-        return "tensorflow"
-    return "onednn"
+    return native_lstm.resolve(cfg.lstm_loop)
 
 
 def matmul_dtype(cfg: ModelConfig) -> str:
@@ -237,11 +222,10 @@ def compute_path(cfg: ModelConfig) -> dict:
     """What actually trains: the recurrent layer class and its matmul dtype (for run.json)."""
     layer = _LAYERS[cfg.cell]
     if cfg.fast_lstm and cfg.cell == "lstm":
-        loop = lstm_loop(cfg)
-        if loop == "onednn":
-            return {"layer": "FastLSTM", "matmul_dtype": matmul_dtype(cfg), "lstm_loop": loop}
-        return {"layer": "FastLSTM", "matmul_dtype": matmul_dtype(cfg), "chains": cfg.chains,
-                "time_chunks": cfg.time_chunks, "lstm_loop": loop}  # fmt: skip
+        path = {"layer": "FastLSTM", "matmul_dtype": matmul_dtype(cfg), "lstm_loop": lstm_loop(cfg)}
+        if path["lstm_loop"] == "tensorflow":  # chains and time_chunks mean nothing to the op
+            path.update(chains=cfg.chains, time_chunks=cfg.time_chunks)
+        return path
     return {"layer": f"keras.layers.{layer.__name__}", "matmul_dtype": "float32"}
 
 

@@ -13,9 +13,9 @@ Training only: validation, sampling and the SavedModel run standard TensorFlow o
 export stays loadable by stock TF Serving. Where the op is not built (no compiler, another
 platform), ``FastLSTM`` trains with its pure TensorFlow loop; run.json records which ran.
 
-The op runs its own threads (OpenMP, one per core), so it wants TensorFlow's inter-op pool at
-1: two ops running side by side would each start a team of OpenMP threads on the same cores
-(``train.thread_pools``).
+The op runs its own threads (OpenMP), as many as TensorFlow's intra-op pool; two ops side by
+side each start a team, so TensorFlow's default of both pools full would put two teams on the
+same cores (``train.thread_pools`` sizes the pools for it).
 """
 
 from __future__ import annotations
@@ -118,7 +118,11 @@ def load(library: Path = LIBRARY):
     except (OSError, ValueError):
         stamp = None
     if stamp != _fingerprint():
-        logger.info("%s was built for another TensorFlow or source; not used", library)
+        logger.info(
+            "%s was built for another TensorFlow or source, so training uses TensorFlow ops; "
+            "python -m charrnn_keras.native_lstm rebuilds it",
+            library,
+        )
         return None
     try:
         return tf.load_op_library(str(library))
@@ -130,6 +134,38 @@ def load(library: Path = LIBRARY):
 def available() -> bool:
     """Whether the op is built and loads."""
     return load() is not None
+
+
+def resolve(loop: str) -> str:
+    """The training loop that ``loop`` (``model.lstm_loop``) means on this machine.
+
+    Args:
+        loop: ``auto`` (the op where it is built and no GPU is visible: it runs on the CPU
+            only), ``onednn`` or ``tensorflow``.
+
+    Returns:
+        ``onednn`` or ``tensorflow``.
+
+    Raises:
+        ConfigError: ``onednn`` was asked for and the op is not built.
+    """
+    import tensorflow as tf
+
+    from charrnn_keras.errors import ConfigError
+
+    if loop == "tensorflow":
+        return "tensorflow"
+    if not available():
+        if loop == "onednn":
+            raise ConfigError(
+                'model.lstm_loop = "onednn" needs the oneDNN LSTM op, which is not built: run '
+                "`python -m charrnn_keras.native_lstm` (make install does), or set "
+                'model.lstm_loop = "auto"'
+            )
+        return "tensorflow"
+    if loop == "auto" and tf.config.list_physical_devices("GPU"):
+        return "tensorflow"
+    return "onednn"
 
 
 def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, bfloat16=False):

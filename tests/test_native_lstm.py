@@ -159,3 +159,19 @@ def test_sequences_too_long_to_unroll_still_train_on_the_op(monkeypatch):
         np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), rtol=1e-5, atol=1e-5)
         for e, g in zip(expected[3], got[3], strict=True):
             np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_models_that_do_not_train_never_load_the_op(monkeypatch):
+    from charrnn_keras.model import build_model
+    from charrnn_keras.sampling import Sampler
+    from charrnn_keras.vocab import Vocab
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the op was looked for")
+
+    monkeypatch.setattr(native_lstm, "load", refuse)
+    cfg = load_config(None, ["model.lstm_loop=onednn"]).model
+    sampler = Sampler(cfg, Vocab("abc"))
+    assert sampler.sample("a", 5, seed=1)
+    model = build_model(cfg, 5, 2, 4)  # a training-shaped model, used for inference only
+    model(np.zeros((2, 4), "int32"))
