@@ -95,13 +95,12 @@ def keras_worker(args, cfg) -> dict:
     train_ds, steps = data_lib.make_dataset(train_ids, d.batch_size, d.seq_length)
     val_ds, _ = data_lib.make_dataset(val_ids, d.batch_size, d.seq_length)
     keras.utils.set_random_seed(t.seed)
-    model_cfg = dataclasses.replace(
-        cfg.model, **common.lstm_settings(args.impl, chains, time_chunks)
-    )
+    settings = common.lstm_settings(args.impl, chains, time_chunks)
+    model_cfg = dataclasses.replace(cfg.model, **settings, init=args.init or cfg.model.init)
     model = build_model(model_cfg, vocab, d.batch_size, d.seq_length)
-    if args.init == "torch":
-        torch_init(model, t.seed)
     compile_model(model, dataclasses.replace(t, ema=args.ema) if args.ema else t)
+    if args.bias_lr != 1:
+        scale_bias_lr(model, args.bias_lr)
 
     validation = ValidationLoss(model, val_ds)
 
@@ -144,26 +143,23 @@ def keras_worker(args, cfg) -> dict:
     return {"curve": curve, "steps_per_epoch": steps}
 
 
-def torch_init(model, seed: int) -> None:
-    """Re-draws the weights as PyTorch initialises them (``--init torch``): every LSTM and
-    output weight uniform in +-1/sqrt(fan), LSTM biases the sum of two such draws (``b_ih +
-    b_hh``), no forget-gate bias of 1; the embedding stays N(0, 1), as torch's."""
+def scale_bias_lr(model, factor: float) -> None:
+    """Multiplies the recurrent layers' bias learning rate (``--bias-lr``): torch's LSTM has two
+    biases (``b_ih``, ``b_hh``) that Adam moves one learning rate each, so their sum moves two."""
     import keras
-    import numpy as np
 
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.RNN):
-            cell = layer.cell
-            bound = 1 / np.sqrt(cell.units)
-            for var in (cell.kernel, cell.recurrent_kernel):
-                var.assign(rng.uniform(-bound, bound, var.shape).astype("float32"))
-            two = rng.uniform(-bound, bound, (2, *cell.bias.shape)).sum(axis=0)
-            cell.bias.assign(two.astype("float32"))
-        elif isinstance(layer, keras.layers.Dense):
-            bound = 1 / np.sqrt(layer.kernel.shape[0])
-            for var in (layer.kernel, layer.bias):
-                var.assign(rng.uniform(-bound, bound, var.shape).astype("float32"))
+    optimizer = model.optimizer
+    biases = {
+        id(layer.cell.bias.value) for layer in model.layers if isinstance(layer, keras.layers.RNN)
+    }
+    update_step = optimizer.update_step
+
+    def scaled(gradient, variable, learning_rate):
+        if id(variable) in biases:
+            learning_rate = learning_rate * factor
+        return update_step(gradient, variable, learning_rate)
+
+    optimizer.update_step = scaled
 
 
 def torch_worker(args, cfg) -> dict:
@@ -262,10 +258,12 @@ def run(args) -> dict:
         worker_args += ["--minutes", str(args.minutes), "--eval-every", str(args.eval_every)]
         worker_args += ["--config", str(args.config)]
         ema = args.ema or cfg.train.ema
-        worker_args += ["--ema", str(ema), "--init", args.init]
+        worker_args += ["--ema", str(ema), "--bias-lr", str(args.bias_lr)]
+        worker_args += ["--init", args.init] if args.init else []
         timeout = args.minutes * 60 * 2 + 600  # validation and start-up come on top
         r = common.run_worker("quality.py", worker_args, timeout, echo=True)
-        r["threads"], r["ema"], r["init"] = threads, ema, args.init
+        r["threads"], r["ema"], r["init"] = threads, ema, args.init or cfg.model.init
+        r["bias_lr"] = args.bias_lr
         for mark in sorted({10, 30, args.minutes}):
             if mark <= args.minutes and "curve" in r:
                 loss = loss_at(r["curve"], mark * 60)
@@ -302,7 +300,10 @@ def main() -> None:
         help="score the weights' moving average (momentum; default: the config's train.ema)",
     )
     parser.add_argument(
-        "--init", choices=["keras", "torch"], default="keras", help="ours: weight initialisers"
+        "--init", choices=["keras", "torch"], help="ours: model.init (default: the config's)"
+    )
+    parser.add_argument(
+        "--bias-lr", type=float, default=1.0, help="ours: the LSTM biases' learning rate factor"
     )
     parser.add_argument("--name", help="results file stem under bench/results (default: quality)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -1,9 +1,11 @@
 """The PyTorch reference: the same model, loss, optimiser and state handling as ours.
 
 Embedding, ``num_layers`` stacked ``nn.LSTM`` (no dropout), Linear logits; mean cross-entropy
-over all characters; Adam (lr 0.002, betas 0.9/0.999, eps 1e-7 as Keras) with gradients clipped
-to global norm 5; the LSTM state is carried from batch to batch and detached, as Keras's
-stateful layers do. Benchmark-only: the package never imports torch.
+over all characters; Adam (lr 0.002, betas 0.9/0.999, eps 1e-7) with gradients clipped to
+global norm 5; the LSTM state is carried from batch to batch and detached, as Keras's stateful
+layers do. The same eps is not the same Adam: PyTorch adds it after the bias correction, Keras
+before, where early in training it weighs up to 31x more (``bench/parity.py``; BENCHMARKS.md,
+2). Benchmark-only: the package never imports torch.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import tomllib
 from charrnn_keras.errors import ConfigError, option
 
 CELLS = ("lstm", "gru", "rnn")
+INITS = ("keras", "torch")  # model.init: initializers.py
 MATMUL_DTYPES = ("float32", "bfloat16", "auto")
 LSTM_LOOPS = ("auto", "onednn", "tensorflow")
 DISTRIBUTE = ("none", "mirrored", "multi_worker")
@@ -65,6 +66,8 @@ class ModelConfig:
             (``native_lstm.py``, built by ``make install``; ``chains`` and ``time_chunks``
             do not apply to it); ``tensorflow``, TensorFlow ops; ``auto``, the op where it is
             built and no GPU is visible, else TensorFlow ops.
+        init: the recurrent and output layers' initialisers: ``keras`` (Glorot, orthogonal,
+            forget-gate bias 1) or ``torch`` (PyTorch's uniform draws; ``initializers.py``).
     """
 
     cell: str = "lstm"
@@ -77,6 +80,7 @@ class ModelConfig:
     chains: int = 1
     time_chunks: int = 1
     lstm_loop: str = "auto"
+    init: str = "keras"
 
 
 @dataclass
@@ -88,6 +92,11 @@ class TrainConfig:
         learning_rate: Adam's initial learning rate.
         lr_decay: per-epoch decay; epoch e uses ``learning_rate * lr_decay**e``.
         grad_clip: clip gradients to this global norm (0 = no clipping).
+        epsilon: Adam's epsilon. Keras adds it to ``sqrt(v)`` before the bias correction, so
+            early in training it acts as ``epsilon / sqrt(1 - beta_2**t)`` (31x at step 1):
+            Keras's 1e-7 then damps every weight whose gradient is below ~3e-6: from
+            PyTorch's initial weights, 2 x 512 layers trained far slower for hundreds of steps
+            than PyTorch's Adam (same eps) did (BENCHMARKS.md, 2).
         weight_decay: decoupled weight decay (AdamW), per step ``learning_rate *
             weight_decay`` of every weight but biases (0 = none).
         ema: momentum of a moving average of the weights, updated every step (0 = none).
@@ -108,6 +117,7 @@ class TrainConfig:
     learning_rate: float = 0.002
     lr_decay: float = 0.97
     grad_clip: float = 5.0
+    epsilon: float = 1e-7
     weight_decay: float = 0.0
     ema: float = 0.0
     max_minutes: float = 0.0
@@ -180,6 +190,7 @@ def _validate(cfg: Config) -> None:
         ("train.epochs", cfg.train.epochs),
         ("train.learning_rate", cfg.train.learning_rate),
         ("train.lr_decay", cfg.train.lr_decay),
+        ("train.epsilon", cfg.train.epsilon),
     ]
     for key, value in positive:
         if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
@@ -215,6 +226,8 @@ def _validate(cfg: Config) -> None:
             f"got {cfg.train.distribute!r}"
         )
     m = cfg.model
+    if m.init not in INITS:
+        raise ConfigError(f"model.init must be one of {', '.join(INITS)}, got {m.init!r}")
     if m.cell not in CELLS:
         raise ConfigError(f"model.cell must be one of {', '.join(CELLS)}, got {m.cell!r}")
     if m.matmul_dtype not in MATMUL_DTYPES:

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import keras
 
-from charrnn_keras import atomic, native_lstm
+from charrnn_keras import atomic, initializers, native_lstm
 from charrnn_keras.config import ModelConfig, TrainConfig
 from charrnn_keras.fast_lstm import FastLSTM, native_bf16
 from charrnn_keras.replicas import GlobalClipAdam, multi_worker_logs
@@ -178,7 +178,9 @@ def build_model(
         layers.append(_recurrent_layer(cfg, name=f"{cfg.cell}_{i}"))
         if cfg.dropout > 0:
             layers.append(keras.layers.Dropout(cfg.dropout, name=f"dropout_{i}"))
-    layers.append(keras.layers.Dense(vocab_size, name="logits"))
+    layers.append(
+        keras.layers.Dense(vocab_size, name="logits", **initializers.dense(cfg.init, cfg.rnn_size))
+    )
     model = CharRNN(layers, name=name)
     if vocab is not None:
         model.vocab_sha256 = vocab_fingerprint(vocab)
@@ -188,6 +190,7 @@ def build_model(
 def _recurrent_layer(cfg: ModelConfig, name: str) -> keras.layers.RNN:
     """Returns one stateful recurrent layer; FastLSTM keeps LSTM's weights, so names match."""
     common = {"stateful": True, "return_sequences": True, "name": name}
+    common.update(initializers.recurrent(cfg.init, cfg.rnn_size, cfg.cell))
     if not (cfg.fast_lstm and cfg.cell == "lstm"):
         return _LAYERS[cfg.cell](cfg.rnn_size, **common)
     dtype = matmul_dtype(cfg)
@@ -256,7 +259,11 @@ def compile_model(model: keras.Model, cfg: TrainConfig, distributed: bool = Fals
         distributed: the model trains under a ``tf.distribute`` strategy: clip the summed
             gradient, not each replica's share (``replicas.GlobalClipAdam``).
     """
-    options = dict(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay or None)
+    options = dict(
+        learning_rate=cfg.learning_rate,
+        epsilon=cfg.epsilon,
+        weight_decay=cfg.weight_decay or None,
+    )
     if cfg.ema:
         options.update(use_ema=True, ema_momentum=cfg.ema)
     if distributed:

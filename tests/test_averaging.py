@@ -1,4 +1,5 @@
-"""The moving average of the weights (``train.ema``) and weight decay (``train.weight_decay``)."""
+"""The optimizer beyond Adam's defaults: the moving average of the weights (``train.ema``),
+weight decay (``train.weight_decay``) and epsilon (``train.epsilon``)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,25 @@ def test_weight_decay_shrinks_kernels_and_spares_biases():
             np.testing.assert_array_equal(p.numpy(), d.numpy())
         else:  # every other variable: shrunk by learning_rate * weight_decay of itself
             assert np.abs(d.numpy()).sum() < np.abs(p.numpy()).sum(), p.path
+
+
+def _first_step_moves(*overrides) -> np.ndarray:
+    model = _compiled("train.grad_clip=0", *overrides)
+    before = _values(model.trainable_variables)
+    _steps(model, 1)
+    after = _values(model.trainable_variables)
+    return np.concatenate([np.abs(a - b).ravel() for a, b in zip(before, after, strict=True)])
+
+
+def test_epsilon_sets_how_far_small_gradients_move_at_the_first_step():
+    # Adam's first step moves a weight by lr * |g| / (|g| + epsilon / sqrt(1 - beta_2)) in
+    # Keras: the learning rate itself where epsilon is negligible, less where it is not.
+    lr = load_config(TINY_CONFIG).train.learning_rate
+    tiny, large = _first_step_moves("train.epsilon=1e-12"), _first_step_moves("train.epsilon=1e-4")
+    moved = tiny > 0  # weights with a gradient (the first step's recurrent input is zero)
+    assert moved.mean() > 0.5
+    np.testing.assert_allclose(np.median(tiny[moved]), lr, rtol=1e-4)
+    assert np.median(large[moved]) < 0.9 * lr
 
 
 class _Recorder(keras.callbacks.Callback):

@@ -59,6 +59,44 @@ def test_layers_are_distinct_and_named():
     assert all(layer.stateful for layer in rnn_layers(model))
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_torch_init_draws_as_pytorch_does(cell):
+    cfg = load_config(TINY_CONFIG, [f"model.cell={cell}", "model.init=torch", "model.rnn_size=32"])
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg.model, 12, 2, 4)
+    bound = 1 / math.sqrt(32)
+    values = []
+    for layer in rnn_layers(model):
+        for var in (layer.cell.kernel, layer.cell.recurrent_kernel):
+            values.append(var.numpy().ravel())
+            assert np.abs(var.numpy()).max() <= bound
+            assert np.abs(var.numpy()).max() > 0.9 * bound  # uniform over the whole range
+        bias = layer.cell.bias.numpy().ravel()  # b_ih + b_hh: two draws, no forget bias of 1
+        assert np.abs(bias).max() <= 2 * bound and np.abs(bias).max() > bound
+    # every variable its own draw (one shared initialiser would repeat its values)
+    assert len({v[:8].tobytes() for v in values}) == len(values)
+    logits = model.get_layer("logits")
+    assert np.abs(logits.kernel.numpy()).max() <= bound and np.abs(logits.bias.numpy()).max() > 0
+
+
+def test_keras_init_keeps_the_forget_gate_bias_of_one():
+    cfg, model = _tiny_model()
+    units = cfg.model.rnn_size
+    for layer in rnn_layers(model):
+        bias = layer.cell.bias.numpy()
+        np.testing.assert_array_equal(bias[units : 2 * units], 1.0)
+        np.testing.assert_array_equal(np.delete(bias, np.s_[units : 2 * units]), 0.0)
+
+
+def test_sum_of_uniforms_rejects_bad_arguments():
+    from charrnn_keras.initializers import SumOfUniforms
+
+    with pytest.raises(ValueError, match="bound=0"):
+        SumOfUniforms(0)
+    with pytest.raises(ValueError, match="count=0"):
+        SumOfUniforms(0.1, count=0)
+
+
 def test_state_is_carried_across_batches():
     cfg, stateful = _tiny_model(batch=2, seq=4)
     whole = build_model(cfg.model, 12, 2, 8)
