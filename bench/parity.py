@@ -5,6 +5,7 @@ Usage::
     python bench/parity.py                                   # 2 x 128, 300 steps, float32
     python bench/parity.py --units 512 --emb 128 --batch 100 --seq 100 --chars 1200000 \\
         --dtype bfloat16 --dropout 0.35 --weight-decay 0.5 --ema 0.995 --steps 400 --every 50
+    python bench/parity.py ... --epsilon 1e-9 --bias-lr 2 --lr-decay 0.97   # PyTorch's Adam
 
 ``torch_ref.Trainer`` draws its weights; ours (``build_model`` and ``compile_model``, FastLSTM on
 ``--loop``) gets the same values (LSTM kernels transposed, ``b_ih + b_hh`` as the one bias).
