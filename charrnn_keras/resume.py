@@ -80,8 +80,10 @@ def check_replaceable(run: RunDir, data: str | None) -> None:
             )
 
 
-# How the LSTM is computed, not what: the weights are the same, so a run may change them.
-SPEED_KEYS = {"model.fast_lstm", "model.matmul_dtype", "model.chains", "model.time_chunks"}
+# Keys a resumed run may change: how the LSTM is computed, not what (the weights are the same),
+# and how fresh weights are drawn (a resumed run loads its own).
+RESUMABLE_KEYS = {"model.fast_lstm", "model.matmul_dtype", "model.chains", "model.time_chunks",
+                  "model.lstm_loop", "model.init"}  # fmt: skip
 
 
 def check_resume(run: RunDir | str | Path, cfg: Config, corpus: data_lib.Corpus) -> None:
@@ -98,7 +100,7 @@ def check_resume(run: RunDir | str | Path, cfg: Config, corpus: data_lib.Corpus)
         f"{section}.{key}: {old!r} -> {new!r}"
         for section in ("data", "model")
         for key, old in old_cfg.to_dict()[section].items()
-        if (new := cfg.to_dict()[section][key]) != old and f"{section}.{key}" not in SPEED_KEYS
+        if (new := cfg.to_dict()[section][key]) != old and f"{section}.{key}" not in RESUMABLE_KEYS
     ]
     old_ema, new_ema = old_cfg.train.ema, cfg.train.ema
     if bool(old_ema) != bool(new_ema):  # the momentum may change; having an average may not

@@ -465,6 +465,17 @@ def test_resume_with_other_model_shape_says_what_differs(
     assert (tmp_path / "run" / "config.toml").read_text() == config, "the run is untouched"
 
 
+def test_resume_may_change_how_the_lstm_computes_and_how_fresh_weights_are_drawn(
+    three_epoch_backup, tmp_path, monkeypatch
+):
+    _copy(three_epoch_backup, tmp_path)
+    change = ["--set", "model.lstm_loop=tensorflow", "--set", "model.init=torch"]
+    status, trained = _train_recording(monkeypatch, _args(tmp_path, "--set", "train.epochs=3",
+                                                          *change))  # fmt: skip
+    assert status == 0 and trained == [2], "resumed at the backed-up epoch, not refused"
+    _assert_finished(tmp_path / "run", epochs=3)
+
+
 def test_resume_with_other_text_or_vocabulary_says_what_differs(three_epoch_backup, tmp_path):
     _copy(three_epoch_backup, tmp_path)
     run = tmp_path / "run"
