@@ -6,6 +6,7 @@ Usage::
     python bench/parity.py --units 512 --emb 128 --batch 100 --seq 100 --chars 1200000 \\
         --dtype bfloat16 --dropout 0.35 --weight-decay 0.5 --ema 0.995 --steps 400 --every 50
     python bench/parity.py ... --epsilon 1e-9 --bias-lr 2 --lr-decay 0.97   # PyTorch's Adam
+    python bench/parity.py ... --seed 1 --ours-only [--own-draw]   # ours alone, from a draw
 
 ``torch_ref.Trainer`` draws its weights; ours (``build_model`` and ``compile_model``, FastLSTM on
 ``--loop``) gets the same values (LSTM kernels transposed, ``b_ih + b_hh`` as the one bias).
@@ -14,18 +15,34 @@ Both then train step for step on the same stateful batches of tinyshakespeare's 
 mean training losses and both validation losses (last 10%, from a zero state, averaged weights
 with ``--ema``). With no dropout, float32 and a negligible epsilon the two agree to rounding;
 what is left when a setting is turned on is that setting's difference between the two
-frameworks (BENCHMARKS.md, section 2: Keras's epsilon placement).
+frameworks (BENCHMARKS.md, section 2: Keras's epsilon placement). ``--ours-only`` trains ours
+alone (from PyTorch's draw of ``--seed``, or from its own with ``--own-draw``): how much the
+draw alone moves the curve.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import common  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def copy_weights(torch_model, ours) -> None:
+    """Gives ours the PyTorch reference's weights (kernels transposed, the two biases summed)."""
+    w = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    ours.get_layer("embedding").embeddings.assign(w["embedding.weight"])
+    for layer in range(2):
+        cell = ours.get_layer(f"lstm_{layer + 1}").cell
+        cell.kernel.assign(w[f"lstm.weight_ih_l{layer}"].T)
+        cell.recurrent_kernel.assign(w[f"lstm.weight_hh_l{layer}"].T)
+        cell.bias.assign(w[f"lstm.bias_ih_l{layer}"] + w[f"lstm.bias_hh_l{layer}"])
+    ours.get_layer("logits").kernel.assign(w["logits.weight"].T)
+    ours.get_layer("logits").bias.assign(w["logits.bias"])
 
 
 def main() -> None:
@@ -49,6 +66,10 @@ def main() -> None:
     p.add_argument("--loop", default="auto", help="ours: model.lstm_loop")
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16 (torch: autocast)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="both draws' seed (torch and Keras)")
+    p.add_argument("--own-draw", action="store_true", help="ours keeps its own initial weights")
+    p.add_argument("--init", default="keras", help="ours with --own-draw: model.init")
+    p.add_argument("--ours-only", action="store_true", help="train ours alone (no PyTorch)")
     a = p.parse_args()
 
     import keras
@@ -73,7 +94,7 @@ def main() -> None:
     vx, vy = data_lib.stream_batches(val_ids, a.batch, a.seq)
 
     ref = torch_ref.Trainer(vocab, a.emb, a.units, 2, a.batch, learning_rate=a.lr, grad_clip=5.0,
-                            bf16=a.dtype == "bfloat16", seed=0, dropout=a.dropout,
+                            bf16=a.dtype == "bfloat16", seed=a.seed, dropout=a.dropout,
                             weight_decay=a.weight_decay, ema=a.ema)  # fmt: skip
     for group in ref.optimizer.param_groups:
         group["eps"] = a.torch_epsilon
@@ -85,8 +106,9 @@ def main() -> None:
             bias.requires_grad_(False)
 
     cfg = ModelConfig(rnn_size=a.units, embedding_dim=a.emb, num_layers=2, dropout=a.dropout,
-                      fast_lstm=True, matmul_dtype=a.dtype, lstm_loop=a.loop)  # fmt: skip
-    keras.utils.set_random_seed(0)
+                      fast_lstm=True, matmul_dtype=a.dtype, lstm_loop=a.loop,
+                      init=a.init)  # fmt: skip
+    keras.utils.set_random_seed(a.seed)
     ours = build_model(cfg, vocab, a.batch, a.seq)
     compile_model(ours, TrainConfig(learning_rate=a.lr, grad_clip=5.0, epsilon=a.epsilon,
                                     weight_decay=a.weight_decay, ema=a.ema))  # fmt: skip
@@ -94,15 +116,8 @@ def main() -> None:
         import quality
 
         quality.scale_bias_lr(ours, a.bias_lr)
-    w = {k: v.detach().numpy() for k, v in ref.model.state_dict().items()}
-    ours.get_layer("embedding").embeddings.assign(w["embedding.weight"])
-    for layer in range(2):
-        cell = ours.get_layer(f"lstm_{layer + 1}").cell
-        cell.kernel.assign(w[f"lstm.weight_ih_l{layer}"].T)
-        cell.recurrent_kernel.assign(w[f"lstm.weight_hh_l{layer}"].T)
-        cell.bias.assign(w[f"lstm.bias_ih_l{layer}"] + w[f"lstm.bias_hh_l{layer}"])
-    ours.get_layer("logits").kernel.assign(w["logits.weight"].T)
-    ours.get_layer("logits").bias.assign(w["logits.bias"])
+    if not a.own_draw:
+        copy_weights(ref.model, ours)
 
     val_ds = tf.data.Dataset.from_tensor_slices((vx.astype("int32"), vy.astype("int32")))
     validation = ValidationLoss(ours, val_ds)
@@ -118,15 +133,17 @@ def main() -> None:
                 group["lr"] = lr
             ours.optimizer.learning_rate.assign(lr)
         x, y = xs[k], ys[k]
-        ref_loss = ref.train_step(torch.from_numpy(x.astype(np.int64)),
-                                  torch.from_numpy(y.astype(np.int64)))  # fmt: skip
-        ref_losses.append(float(ref_loss))
+        if not a.ours_only:
+            ref_loss = ref.train_step(torch.from_numpy(x.astype(np.int64)),
+                                      torch.from_numpy(y.astype(np.int64)))  # fmt: skip
+            ref_losses.append(float(ref_loss))
         our_losses.append(float(ours.train_on_batch(x.astype("int32"), y.astype("int32"))[0]))
         if (step + 1) % a.every == 0:
             with averaged_weights(ours):
                 ours_val = validation()
-            ref_val = ref.evaluate(vxt, vyt)
-            print(f"step {step + 1:5d}  train torch {np.mean(ref_losses[-a.every:]):.4f} "
+            ref_val = math.nan if a.ours_only else ref.evaluate(vxt, vyt)
+            ref_train = np.mean(ref_losses[-a.every :]) if ref_losses else math.nan
+            print(f"step {step + 1:5d}  train torch {ref_train:.4f} "
                   f"ours {np.mean(our_losses[-a.every:]):.4f}  val torch {ref_val:.4f} "
                   f"ours {ours_val:.4f} ({ours_val - ref_val:+.4f})", flush=True)  # fmt: skip
 

@@ -59,6 +59,8 @@ class Trainer:
         weight_decay: AdamW's decoupled decay of every weight but biases (0 = Adam), as ours.
         ema: momentum of a moving average of the weights that ``evaluate`` scores (0 = none),
             torch's own ``AveragedModel``.
+        device: where the model trains ("cpu", or "cuda" for ``bench/sweep.py``); batches
+            must be on it.
     """
 
     def __init__(
@@ -75,9 +77,12 @@ class Trainer:
         dropout=0.0,
         weight_decay=0.0,
         ema=0.0,
+        device="cpu",
     ):
         torch.manual_seed(seed)
-        self.model = CharLSTM(vocab, embedding_dim, rnn_size, num_layers, dropout)
+        self.device = torch.device(device)
+        model = CharLSTM(vocab, embedding_dim, rnn_size, num_layers, dropout)
+        self.model = model.to(self.device)
         named = list(self.model.named_parameters())
         groups = [
             {"params": [p for n, p in named if "bias" not in n], "weight_decay": weight_decay},
@@ -93,7 +98,7 @@ class Trainer:
         self.grad_clip = grad_clip
         self.bf16 = bf16
         self.vocab = vocab
-        zeros = torch.zeros(num_layers, batch_size, rnn_size)
+        zeros = torch.zeros(num_layers, batch_size, rnn_size, device=self.device)
         self.state = (zeros, zeros.clone())
         self.loss_fn = nn.CrossEntropyLoss()
 
@@ -102,7 +107,7 @@ class Trainer:
 
     def _autocast(self):
         if self.bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self, x, y) -> float:

@@ -64,7 +64,8 @@ def build(output: Path = LIBRARY) -> Path:
         The library's path.
 
     Raises:
-        BuildError: no oneDNN headers, or the compiler failed.
+        BuildError: no oneDNN headers, or the compiler failed (its output is then in
+            ``output`` with the suffix ``.log``).
     """
     import tensorflow as tf
 
@@ -88,9 +89,16 @@ def build(output: Path = LIBRARY) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError as e:
         raise BuildError("no C++ compiler (g++) on PATH") from e
+    log = output.with_suffix(".log")
     if done.returncode:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise BuildError(f"g++ failed:\n{tail}")
+        # The error goes on one line (the caller prints it as the whole of stderr); the
+        # compiler's full output stays in the log for whoever has to read it.
+        partial.unlink(missing_ok=True)
+        log.write_text(done.stderr)
+        lines = done.stderr.strip().splitlines()
+        first = next((line for line in lines if "error" in line), lines[-1] if lines else "")
+        raise BuildError(f"g++ failed: {first.strip()} (full output: {log})")
+    log.unlink(missing_ok=True)
     partial.replace(output)  # a library is either whole or absent
     output.with_suffix(".json").write_text(json.dumps(_fingerprint()) + "\n")
     load.cache_clear()

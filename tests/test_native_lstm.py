@@ -97,6 +97,24 @@ def test_build_without_onednn_headers_says_what_to_install(tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_a_failed_build_is_one_line_and_keeps_the_compiler_output(tmp_path, monkeypatch):
+    source = tmp_path / "broken.cc"
+    source.write_text("int main() { return undeclared_name; }\n")
+    monkeypatch.setattr(native_lstm, "SOURCE", source)
+    prefix = tmp_path / "onednn"  # headers present, so the compiler runs
+    (prefix / "include" / "oneapi" / "dnnl").mkdir(parents=True)
+    (prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp").touch()
+    monkeypatch.setattr(native_lstm, "_onednn_prefix", lambda: prefix)
+    library = tmp_path / "_lstm_op.so"
+    with pytest.raises(native_lstm.BuildError) as caught:
+        native_lstm.build(library)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "undeclared_name" in message and str(library.with_suffix(".log")) in message
+    assert "undeclared_name" in library.with_suffix(".log").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_lstm_op.log", "broken.cc", "onednn"]
+
+
 def test_loop_follows_the_config_and_what_is_built(monkeypatch):
     from charrnn_keras import model as model_lib
     from charrnn_keras.errors import ConfigError
