@@ -24,7 +24,7 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 
 
 def cmd_train(args) -> int:
-    from charrnn_keras import data as data_lib
+    from charrnn_keras import corpus as corpus_lib
     from charrnn_keras.config import load_config
 
     # Checked before TensorFlow loads (seconds), so these refusals are immediate.
@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
         # our one-line error says the same; TensorFlow reads the level when it loads (-v:
         # startup.py leaves the level alone).
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    data_lib.check_data_path(args.data)
+    corpus_lib.check_data_path(args.data)
     from charrnn_keras.train import train
 
     _imports_done()

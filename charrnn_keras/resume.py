@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from charrnn_keras import atomic
-from charrnn_keras import data as data_lib
+from charrnn_keras import corpus as corpus_lib
 from charrnn_keras.config import Config
 from charrnn_keras.errors import RunDirError, option
 from charrnn_keras.rundir import RunDir, Status, load_run, newest_run, next_in_series
@@ -86,7 +86,7 @@ RESUMABLE_KEYS = {"model.fast_lstm", "model.matmul_dtype", "model.chains", "mode
                   "model.lstm_loop", "model.init"}  # fmt: skip
 
 
-def check_resume(run: RunDir | str | Path, cfg: Config, corpus: data_lib.Corpus) -> None:
+def check_resume(run: RunDir | str | Path, cfg: Config, corpus: corpus_lib.Corpus) -> None:
     """Refuses to resume a run whose model, data layout, corpus or weight average differ.
 
     Args:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import keras
 import tensorflow as tf
 
+from charrnn_keras import corpus as corpus_lib
 from charrnn_keras import data as data_lib
 from charrnn_keras.backup import RunBackup
 from charrnn_keras.callbacks import (
@@ -60,7 +61,7 @@ class Plan:
 
     cfg: Config
     run: RunDir
-    corpus: data_lib.Corpus
+    corpus: corpus_lib.Corpus
     replace: bool
     locked: bool
     topology: Topology = SINGLE
@@ -91,7 +92,7 @@ def prepare(
     run = RunDir(resolve_run_dir(run_dir, config_name, overwrite))
     d = cfg.data
     if not topology.is_chief:
-        corpus = data_lib.load_corpus(data, d.max_chars, cache_dir=None)
+        corpus = corpus_lib.load_corpus(data, d.max_chars, cache_dir=None)
     else:
         locked = run.path.is_dir()
         if locked:
@@ -99,8 +100,8 @@ def prepare(
         replace = overwrite and not run.is_empty()
         if replace:
             check_replaceable(run, data)
-        corpus = data_lib.load_corpus(data, d.max_chars, cache_dir=run.path.parent / ".cache")
-    data_lib.check_vocab(corpus)
+        corpus = corpus_lib.load_corpus(data, d.max_chars, cache_dir=run.path.parent / ".cache")
+    corpus_lib.check_vocab(corpus)
     data_lib.check_size(len(corpus.ids), d.batch_size, d.seq_length, d.val_fraction)
     check_fits(cfg, len(corpus.vocab))  # before the run directory exists: nothing half made
     if not topology.is_chief:
@@ -195,7 +196,7 @@ def start(plan: Plan, held: contextlib.ExitStack, extra_callbacks=()) -> Session
 
     info = {
         "status": Status.RUNNING,
-        "data": data_lib.describe(corpus),
+        "data": corpus_lib.describe(corpus),
         "versions": {"python": platform.python_version(), "keras": keras.__version__},
         # What ran, which the config alone does not say ("auto", 0 threads).
         "compute": {

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from charrnn_keras import corpus as corpus_lib
 from charrnn_keras import data as data_lib
 from charrnn_keras.data import DataError
 from charrnn_keras.vocab import Vocab, VocabError
@@ -77,7 +78,7 @@ def test_damaged_vocab_names_the_file(tmp_path):
 def test_corpus_too_small_says_how_many(tmp_path):
     path = tmp_path / "small.txt"
     path.write_text("abcdefghij" * 10)
-    corpus = data_lib.load_corpus(str(path), 10**6, None)
+    corpus = corpus_lib.load_corpus(str(path), 10**6, None)
     with pytest.raises(DataError) as e:
         data_lib.check_size(len(corpus.ids), 4, 16, 0.1)
     assert "corpus has 100 characters" in str(e.value)
@@ -98,7 +99,7 @@ def test_non_utf8_names_file_and_offset(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"plain text, then caf" + "é".encode("latin-1") + b" more")
     with pytest.raises(DataError) as e:
-        data_lib.load_corpus(str(path), 10**6, None)
+        corpus_lib.load_corpus(str(path), 10**6, None)
     assert str(path) in str(e.value)
     assert "byte offset 20" in str(e.value)
 
@@ -114,32 +115,32 @@ def test_encoded_corpus_is_cached_by_content(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
     path.write_text("the quick brown fox\n" * 50)
     cache = tmp_path / "cache"
-    first = data_lib.load_corpus(str(path), 10**6, cache)
+    first = corpus_lib.load_corpus(str(path), 10**6, cache)
     assert len(list(cache.glob("*.npy"))) == 1
 
     def no_decoding(*args):
         raise AssertionError("the cached corpus was encoded again")
 
-    monkeypatch.setattr(data_lib, "_decode", no_decoding)
-    second = data_lib.load_corpus(str(path), 10**6, cache)
+    monkeypatch.setattr(corpus_lib, "_decode", no_decoding)
+    second = corpus_lib.load_corpus(str(path), 10**6, cache)
     np.testing.assert_array_equal(first.ids, second.ids)
     assert first.vocab == second.vocab
     path.write_text("different text\n" * 50)  # new content: a new key, so it is encoded
     with pytest.raises(AssertionError, match="encoded again"):
-        data_lib.load_corpus(str(path), 10**6, cache)
+        corpus_lib.load_corpus(str(path), 10**6, cache)
 
 
 def test_directory_corpus_reads_files_in_order(tmp_path):
     (tmp_path / "b.txt").write_text("second")
     (tmp_path / "a.txt").write_text("first")
-    corpus = data_lib.load_corpus(str(tmp_path), 10**6, None)
+    corpus = corpus_lib.load_corpus(str(tmp_path), 10**6, None)
     assert corpus.vocab.decode(corpus.ids) == "first\nsecond"
 
 
 def test_builtin_corpus_is_deterministic_and_capped():
-    raw1, source = data_lib.read_raw(None, 50_000)
-    raw2, _ = data_lib.read_raw(None, 50_000)
-    assert source == data_lib.BUILTIN
+    raw1, source = corpus_lib.read_raw(None, 50_000)
+    raw2, _ = corpus_lib.read_raw(None, 50_000)
+    assert source == corpus_lib.BUILTIN
     assert raw1 == raw2
     assert len(raw1.decode("utf-8")) == 50_000
     assert b"def " in raw1  # it is Python source
@@ -159,8 +160,8 @@ def test_ascii_fast_path_encodes_like_the_general_one():
 def test_byte_order_mark_is_stripped_and_logged(tmp_path, caplog):
     path = tmp_path / "bom.txt"
     path.write_bytes(BOM + b"plain ascii text\n" * 20)
-    with caplog.at_level("INFO", logger="charrnn_keras.data"):
-        corpus = data_lib.load_corpus(str(path), 10**6, None)
+    with caplog.at_level("INFO", logger="charrnn_keras.corpus"):
+        corpus = corpus_lib.load_corpus(str(path), 10**6, None)
     assert "\ufeff" not in corpus.vocab.chars
     assert corpus.vocab.decode(corpus.ids) == "plain ascii text\n" * 20
     assert corpus.ids.dtype == np.uint8  # ASCII after the mark: still the one-byte fast path
@@ -171,7 +172,7 @@ def test_byte_order_mark_is_stripped_from_each_file_of_a_directory(tmp_path):
     (tmp_path / "a.txt").write_bytes(BOM + "first café".encode())
     (tmp_path / "b.txt").write_bytes(BOM + b"second")
     (tmp_path / "c.txt").write_bytes(b"third \xef\xbb\xbf inside")  # not at the start: text
-    corpus = data_lib.load_corpus(str(tmp_path), 10**6, None)
+    corpus = corpus_lib.load_corpus(str(tmp_path), 10**6, None)
     assert corpus.vocab.decode(corpus.ids) == "first café\nsecond\nthird \ufeff inside"
 
 
@@ -184,6 +185,6 @@ def test_cache_temporaries_of_killed_processes_are_removed(tmp_path):
     left.write_bytes(b"half an array")
     path = tmp_path / "t.txt"
     path.write_text("the quick brown fox\n" * 50)
-    data_lib.load_corpus(str(path), 10**6, cache)
+    corpus_lib.load_corpus(str(path), 10**6, cache)
     assert not left.exists()
     assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".npy"]

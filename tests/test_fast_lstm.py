@@ -191,7 +191,7 @@ def test_fast_model_infers_what_the_keras_model_does(tmp_path):
 def test_fast_bf16_run_trains_and_its_checkpoints_serve_plain_lstm(tmp_path):
     from conftest import TINY_CONFIG, TINY_TEXT
 
-    from charrnn_keras import data as data_lib
+    from charrnn_keras import corpus as corpus_lib
     from charrnn_keras import rundir
     from charrnn_keras.config import load_config
     from charrnn_keras.errors import CharRNNError
@@ -215,7 +215,7 @@ def test_fast_bf16_run_trains_and_its_checkpoints_serve_plain_lstm(tmp_path):
     assert plain.sample("the ", 40, seed=3) == expected
 
     # Resuming may switch the speed settings (same weights), not the model.
-    corpus = data_lib.load_corpus(str(data), cfg.data.max_chars, cache_dir=None)
+    corpus = corpus_lib.load_corpus(str(data), cfg.data.max_chars, cache_dir=None)
     check_resume(run, load_config(TINY_CONFIG, ["train.epochs=3"]), corpus)
     with pytest.raises(CharRNNError, match="model.rnn_size"):
         check_resume(run, load_config(TINY_CONFIG, [*fast, "model.rnn_size=8"]), corpus)

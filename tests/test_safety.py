@@ -25,7 +25,7 @@ import pytest
 from conftest import REPO, TINY_CONFIG, TINY_TEXT, our_stderr
 
 from charrnn_keras import cli, rundir, sizing
-from charrnn_keras import data as data_lib
+from charrnn_keras import corpus as corpus_lib
 from charrnn_keras import model as model_lib
 from charrnn_keras import train as train_mod
 from charrnn_keras.config import Config, ModelConfig, load_config
@@ -214,9 +214,9 @@ def test_full_corpus_cache_is_a_storage_error_and_leaves_nothing(tmp_path, monke
         save(file, arr[:10], *args, **kwargs)  # part of the file, then the disk is full
         raise ENOSPC
 
-    monkeypatch.setattr(data_lib.np, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(corpus_lib.np, "save", save_then_fill_the_disk)
     with pytest.raises(StorageError, match=f"{cache} is full") as e:
-        data_lib.load_corpus(str(path), 10**6, cache)
+        corpus_lib.load_corpus(str(path), 10**6, cache)
     assert "\n" not in str(e.value)
     assert list(cache.iterdir()) == [], "no temporary and no half-written cache left"
 
