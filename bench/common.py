@@ -134,11 +134,11 @@ def parse_tf_threads(spec: str) -> tuple[int, int, int, int]:
     return tuple(values + [1] * (4 - len(values)))
 
 
-def tinyshakespeare_ids():
-    """Returns (ids as a uint8 numpy array, vocabulary size) of the benchmark corpus."""
+def tinyshakespeare_ids(path: Path = DATA):
+    """Returns (ids as a uint8 numpy array, vocabulary size) of the benchmark corpus at ``path``."""
     import numpy as np
 
-    raw = np.frombuffer(DATA.read_bytes(), dtype=np.uint8)
+    raw = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
     symbols, ids = np.unique(raw, return_inverse=True)
     return ids.astype(np.uint8), len(symbols)
 

@@ -61,7 +61,12 @@ def parse_run(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in KEYS:
             raise SystemExit(f"sweep: unknown key {key!r} in run {text!r}; one of {sorted(KEYS)}")
-        overrides[key] = KEYS[key][1](value)
+        try:
+            overrides[key] = KEYS[key][1](value)
+        except ValueError:
+            kind = KEYS[key][1].__name__
+            message = f"sweep: {key}={value!r} in run {text!r} is not a valid {kind}"
+            raise SystemExit(message) from None
     return name, overrides
 
 
@@ -73,7 +78,6 @@ def budget_chars(cfg: dict, minutes: float, cpu_chars_per_s: float) -> int:
 
 def worker(spec: dict) -> None:
     """Trains one run; prints a JSON line per evaluation."""
-    import numpy as np
     import torch
     import torch_ref
 
@@ -83,15 +87,14 @@ def worker(spec: dict) -> None:
         torch_ref.set_threads(spec["threads"])
     from charrnn_keras.data import split
 
-    raw = np.frombuffer(Path(spec["data"]).read_bytes(), dtype=np.uint8)
-    symbols, ids = np.unique(raw, return_inverse=True)
-    train_ids, val_ids = split(ids.astype(np.uint8), 0.1)
+    ids, vocab = common.tinyshakespeare_ids(spec["data"])
+    train_ids, val_ids = split(ids, 0.1)
     c, dev = spec["cfg"], spec["device"]
     b, s = c["batch_size"], c["seq_length"]
     xs, ys = (t.to(dev) for t in torch_ref.batches(train_ids, b, s))
     vx, vy = (t.to(dev) for t in torch_ref.batches(val_ids, b, s))
     trainer = torch_ref.Trainer(
-        len(symbols),
+        vocab,
         c["embedding_dim"],
         c["rnn_size"],
         c["num_layers"],
