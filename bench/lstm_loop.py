@@ -14,7 +14,9 @@ first op), every figure the median of interleaved 1-second windows:
   float32.
 - ``step``: the seed model's whole Keras training step on the op in bf16 (``train_on_batch``
   through ``build_model``/``compile_model``), and its parts: forward alone, forward and
-  backward, and with Adam (clipped) but outside Keras's train function.
+  backward, and with Adam (clipped) but outside Keras's train function; then the whole step
+  in bf16 and float32, each with the batch split by the pools (``native_lstm.op_chains``,
+  what trains) and as one op per layer (``_one_op``).
 
 Results go to ``bench/results/lstm_loop_<parts>.json``.
 """
@@ -22,6 +24,7 @@ Results go to ``bench/results/lstm_loop_<parts>.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -80,6 +83,11 @@ def layer_worker(shape: dict, rounds: int) -> dict:
                 *a, matmul_dtype="bfloat16", chains=2, time_chunks=chunks)),
             "onednn-bf16": timed(lambda *a: native_lstm.lstm_sequence(*a, bfloat16=True)),
             "onednn-f32": timed(lambda *a: native_lstm.lstm_sequence(*a)),
+            # The batch split into one op per inter-op thread, as FastLSTM trains on these pools.
+            "onednn-bf16-split": timed(lambda *a: native_lstm.lstm_sequence(
+                *a, bfloat16=True, chains=native_lstm.op_chains())),
+            "onednn-f32-split": timed(lambda *a: native_lstm.lstm_sequence(
+                *a, chains=native_lstm.op_chains())),
         },
         rounds,
     )  # fmt: skip
@@ -90,21 +98,38 @@ def step_worker(shape: dict, rounds: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from charrnn_keras import native_lstm
     from charrnn_keras.config import ModelConfig, TrainConfig
     from charrnn_keras.model import build_model, compile_model
 
     b, t = shape["batch_size"], shape["seq_length"]
-    cfg = ModelConfig(
-        embedding_dim=shape["embedding_dim"],
-        rnn_size=shape["rnn_size"],
-        num_layers=shape["num_layers"],
-        **common.lstm_settings("onednn-bf16"),
-    )
-    model = build_model(cfg, common.VOCAB_SIZE, b, t)
-    compile_model(model, TrainConfig())
     rng = np.random.default_rng(0)
     x = tf.constant(rng.integers(0, common.VOCAB_SIZE, (b, t)), tf.int32)
     y = tf.constant(rng.integers(0, common.VOCAB_SIZE, (b, t)), tf.int32)
+
+    def keras_model(impl, one_op=False):
+        """A compiled seed model, traced; ``one_op``: each layer one op, not split by the
+        pools (``native_lstm.op_chains``), as before the split."""
+        cfg = ModelConfig(
+            embedding_dim=shape["embedding_dim"],
+            rnn_size=shape["rnn_size"],
+            num_layers=shape["num_layers"],
+            **common.lstm_settings(impl),
+        )
+        model = build_model(cfg, common.VOCAB_SIZE, b, t)
+        compile_model(model, TrainConfig())
+        pools = native_lstm.op_chains
+        if one_op:
+            native_lstm.op_chains = lambda: 1  # read when the train function is traced
+        model.train_on_batch(x, y)
+        native_lstm.op_chains = pools
+        return model
+
+    model = keras_model("onednn-bf16")
+    steps = {
+        f"keras_step_{impl}{'_one_op' if one_op else ''}": keras_model(impl, one_op)
+        for impl in ("onednn-bf16", "onednn") for one_op in (False, True)
+    }  # fmt: skip
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     weights = model.trainable_variables
     adam = keras.optimizers.Adam(global_clipnorm=5.0)
@@ -131,6 +156,7 @@ def step_worker(shape: dict, rounds: int) -> dict:
             "forward_backward": lambda: gradients()[-1].numpy(),  # [0], the embedding's: sparse
             "with_adam": lambda: update().numpy(),
             "keras_step": lambda: model.train_on_batch(x, y),
+            **{name: functools.partial(m.train_on_batch, x, y) for name, m in steps.items()},
         },
         rounds,
     )

@@ -243,10 +243,11 @@ class FastLSTM(keras.layers.LSTM):
         time_chunks: blocks of time steps for the input and weight-gradient matmuls (see
             ``lstm_sequence``); more than 1 lets inter-op threads overlap them with the loop.
         loop: the training loop: ``"onednn"``, oneDNN's fused LSTM op (``native_lstm``; bf16
-            kernels when ``matmul_dtype`` is bfloat16, where ``chains`` and ``time_chunks``
-            do not apply); ``"tensorflow"``, ``lstm_sequence``'s TensorFlow ops; ``"auto"``,
-            the op where it is built and no GPU is visible, else TensorFlow ops. Resolved when
-            the layer first trains, so models that never train never load the op.
+            kernels when ``matmul_dtype`` is bfloat16; ``chains`` and ``time_chunks`` do not
+            apply: the op splits the batch by the thread pools, ``native_lstm.op_chains``);
+            ``"tensorflow"``, ``lstm_sequence``'s TensorFlow ops; ``"auto"``, the op where it
+            is built and no GPU is visible, else TensorFlow ops. Resolved when the layer first
+            trains, so models that never train never load the op.
     """
 
     LOOPS = ("auto", "onednn", "tensorflow")
@@ -299,7 +300,7 @@ class FastLSTM(keras.layers.LSTM):
             # Training only: what validation, sampling and the export run stays standard ops.
             bf16 = tf.as_dtype(self.matmul_dtype or "float32") == tf.bfloat16
             outputs, h, c = native_lstm.lstm_sequence(
-                sequences, *initial_state, *weights, bfloat16=bf16
+                sequences, *initial_state, *weights, bfloat16=bf16, chains=native_lstm.op_chains()
             )
         else:
             outputs, h, c = lstm_sequence(

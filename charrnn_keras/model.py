@@ -222,12 +222,15 @@ def matmul_dtype(cfg: ModelConfig) -> str:
 
 
 def compute_path(cfg: ModelConfig) -> dict:
-    """What actually trains: the recurrent layer class and its matmul dtype (for run.json)."""
+    """What actually trains: the recurrent layer class, its matmul dtype and loop, and the
+    chains each layer's batch is split into (for run.json; call once the pools are set)."""
     layer = _LAYERS[cfg.cell]
     if cfg.fast_lstm and cfg.cell == "lstm":
         path = {"layer": "FastLSTM", "matmul_dtype": matmul_dtype(cfg), "lstm_loop": lstm_loop(cfg)}
-        if path["lstm_loop"] == "tensorflow":  # chains and time_chunks mean nothing to the op
+        if path["lstm_loop"] == "tensorflow":
             path.update(chains=cfg.chains, time_chunks=cfg.time_chunks)
+        else:  # the op splits the batch by the thread pools, not by the config
+            path.update(chains=native_lstm.op_chains())
         return path
     return {"layer": f"keras.layers.{layer.__name__}", "matmul_dtype": "float32"}
 

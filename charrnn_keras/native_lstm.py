@@ -15,7 +15,9 @@ platform), ``FastLSTM`` trains with its pure TensorFlow loop; run.json records w
 
 The op runs its own threads (OpenMP), as many as TensorFlow's intra-op pool; two ops side by
 side each start a team, so TensorFlow's default of both pools full would put two teams on the
-same cores (``train.thread_pools`` sizes the pools for it).
+same cores (``train.thread_pools`` sizes the pools for it). With one intra-op thread, a layer
+splits its batch rows into one op per inter-op thread (``op_chains``): for small layers two
+single-threaded ops side by side beat one op on two cores (BENCHMARKS.md, 1).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import sysconfig
@@ -176,7 +179,30 @@ def resolve(loop: str) -> str:
     return "onednn"
 
 
-def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, bfloat16=False):
+def op_chains(intra: int | None = None, inter: int | None = None, cores: int | None = None) -> int:
+    """How many ops a layer's batch rows are split into: one per inter-op thread when each op
+    gets one intra-op thread (what ``train.thread_pools`` gives small layers), else 1, so that
+    the ops' OpenMP teams never share a core.
+
+    Args:
+        intra: intra-op threads (default: this process's pool; 0 is TensorFlow's default, one
+            per core).
+        inter: inter-op threads (default: this process's pool; 0 as for ``intra``).
+        cores: the CPU count (default: this machine's).
+
+    Returns:
+        ``min(inter, cores // intra)``, at least 1.
+    """
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    cores = cores or os.cpu_count() or 1
+    intra = (threading.get_intra_op_parallelism_threads() if intra is None else intra) or cores
+    inter = (threading.get_inter_op_parallelism_threads() if inter is None else inter) or cores
+    return max(1, min(inter, cores // intra))
+
+
+def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, bfloat16=False, chains=1):
     """Runs an LSTM over a whole sequence with oneDNN's fused primitive.
 
     Computes what ``keras.layers.LSTM`` computes (tanh, sigmoid gates, bias; gates in Keras
@@ -192,6 +218,10 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, bfloat16=False):
         bfloat16: run oneDNN's bf16 kernels: inputs, outputs and hidden states rounded to
             bf16 (as PyTorch's autocast does), products accumulated, the cell state and all
             gradients kept, in float32.
+        chains: split the batch rows into this many ops, which TensorFlow's inter-op threads
+            run side by side (``op_chains``); rows never interact, so the result is the same
+            up to rounding (the weight gradients are the chains' sums). 1 when the batch is
+            unknown or smaller than ``chains``.
 
     Returns:
         ``(outputs [batch, time, units], h_last, c_last)``, float32.
@@ -214,7 +244,15 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, bfloat16=False):
 
         return (tf.cast(y, tf.float32), tf.cast(h, tf.float32), c), grad
 
-    return core(x, h0, c0, kernel, recurrent_kernel, bias)
+    batch = x.shape[0]
+    if batch is None or batch < chains or chains <= 1:
+        return core(x, h0, c0, kernel, recurrent_kernel, bias)
+    sizes = [batch // chains + (k < batch % chains) for k in range(chains)]
+    parts = [
+        core(*rows, kernel, recurrent_kernel, bias)
+        for rows in zip(*(tf.split(t, sizes) for t in (x, h0, c0)), strict=True)
+    ]
+    return tuple(tf.concat(list(p), axis=0) for p in zip(*parts, strict=True))
 
 
 def main() -> int:

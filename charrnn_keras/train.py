@@ -21,7 +21,7 @@ import tensorflow as tf
 from charrnn_keras.config import Config
 from charrnn_keras.distribute import agree, config_facts, make_topology
 from charrnn_keras.errors import DistributeError, Interrupted, TrainingStopped
-from charrnn_keras.model import lstm_loop, matmul_dtype
+from charrnn_keras.model import lstm_loop
 from charrnn_keras.rundir import Status, find_checkpoint, load_weights, periodic_checkpoints
 from charrnn_keras.sampling import Sampler
 from charrnn_keras.session import SAMPLE_TEMPERATURE, Session, prepare, start
@@ -50,11 +50,12 @@ class TrainResult:
     stopped_early: str
 
 
-# One step of a layer's gate matmuls, in multiply-adds (bf16 counts a quarter: a CPU with native
-# bf16 multiplies it about 4x faster), below which oneDNN's LSTM runs faster on one thread per
-# op. 2 x 128 at batch 60 does 8M: 1 thread was faster in bf16 (2M), 2 in float32; 2 x 512 at
-# batch 100 does 210M, and 2 threads were faster in both (BENCHMARKS.md, 1).
-ONEDNN_SMALL = 4 * 2**20
+# One time step of a layer's gate matmuls, in multiply-adds (batch x 4u x (in + u)), below which
+# oneDNN's LSTM runs faster as one single-threaded op per core, each on its share of the batch
+# rows (native_lstm.op_chains), than as one op on every core, in float32 and bf16 alike: 2 x 128
+# at batch 60 (8M) 1.6x in bf16, 1.2x in float32; 2 x 192 at batch 64 (19M) 1.1-1.2x; 2 x 256
+# at batch 64 (34M) and 2 x 512 at batch 32 or 100 lost (BENCHMARKS.md, 1).
+ONEDNN_SMALL = 24 * 2**20
 
 
 def thread_pools(cfg: Config, cores: int | None = None) -> tuple[int, int]:
@@ -65,8 +66,8 @@ def thread_pools(cfg: Config, cores: int | None = None) -> tuple[int, int]:
     - on oneDNN's fused op (``model.lstm_loop``), which runs an intra-op pool's worth of its
       own threads: never TensorFlow's default of both pools at full size, which puts two teams
       on the same cores (3x slower). Large layers get every core for the op and one op at a
-      time; small ones (under ``ONEDNN_SMALL`` multiply-adds per step) one thread per op
-      and ops side by side;
+      time; small ones (under ``ONEDNN_SMALL`` multiply-adds per step) one thread per op and
+      one op per core, each on a share of the batch rows (``native_lstm.op_chains``);
     - with ``chains`` > 1 on TensorFlow ops: the chains are independent ops, so each gets
       ``cores // chains`` threads and they run side by side (on 2 cores, 1 and 2: the fastest
       setting measured there, BENCHMARKS.md, 1).
@@ -87,7 +88,7 @@ def thread_pools(cfg: Config, cores: int | None = None) -> tuple[int, int]:
         gates = (
             cfg.data.batch_size * 4 * m.rnn_size * (max(m.embedding_dim, m.rnn_size) + m.rnn_size)
         )
-        if gates / (4 if matmul_dtype(m) == "bfloat16" else 1) < ONEDNN_SMALL:
+        if gates < ONEDNN_SMALL:
             return intra or 1, inter or cores
         return intra or cores, inter or 1
     if m.chains > 1:

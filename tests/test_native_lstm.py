@@ -29,8 +29,10 @@ def test_the_op_is_built_where_it_can_be():
 
 
 @needs_op
+@pytest.mark.parametrize("chains", [1, 2])
 @pytest.mark.parametrize("graph", [False, True])
-def test_training_outputs_states_and_gradients_match_keras(graph):
+def test_training_outputs_states_and_gradients_match_keras(graph, chains, monkeypatch):
+    monkeypatch.setattr(native_lstm, "op_chains", lambda: chains)  # 2: rows split 2 and 1
     ref, fast = _pair()
     fast.loop = "onednn"
     x, h0, c0 = _inputs()
@@ -44,17 +46,30 @@ def test_training_outputs_states_and_gradients_match_keras(graph):
 
 
 @needs_op
-def test_the_op_is_what_runs_in_training_and_only_there():
+@pytest.mark.parametrize("chains", [1, 2])
+def test_the_op_is_what_runs_in_training_and_only_there(chains, monkeypatch):
+    monkeypatch.setattr(native_lstm, "op_chains", lambda: chains)
     _, fast = _pair()
     fast.loop = "onednn"
     x, h0, c0 = _inputs()
 
     def ops(training):
         graph = tf.function(lambda: fast(x, initial_state=[h0, c0], training=training))
-        return {op.type for op in graph.get_concrete_function().graph.get_operations()}
+        return [op.type for op in graph.get_concrete_function().graph.get_operations()]
 
-    assert "CharrnnLstm" in ops(training=True)
+    assert ops(training=True).count("CharrnnLstm") == chains  # one op per chain of rows
     assert not any(op.startswith("Charrnn") for op in ops(training=False))
+
+
+def test_the_op_splits_the_batch_by_the_thread_pools():
+    # One intra-op thread: one op per inter-op thread, at most one per core.
+    assert native_lstm.op_chains(intra=1, inter=2, cores=2) == 2
+    assert native_lstm.op_chains(intra=1, inter=4, cores=16) == 4
+    assert native_lstm.op_chains(intra=1, inter=0, cores=2) == 2  # 0: one thread per core
+    assert native_lstm.op_chains(intra=3, inter=16, cores=16) == 5
+    # Every core in one op, or TensorFlow's default pools: one op, or two teams would share.
+    assert native_lstm.op_chains(intra=2, inter=1, cores=2) == 1
+    assert native_lstm.op_chains(intra=0, inter=0, cores=2) == 1
 
 
 @needs_op
@@ -126,8 +141,9 @@ def test_loop_follows_the_config_and_what_is_built(monkeypatch):
         model_lib.lstm_loop(load_config(None, ["model.lstm_loop=onednn"]).model)
     monkeypatch.setattr(native_lstm, "available", lambda: True)
     assert model_lib.lstm_loop(cfg) == "onednn"
+    monkeypatch.setattr(native_lstm, "op_chains", lambda: 2)  # what this process's pools give
     assert model_lib.compute_path(cfg) == {
-        "layer": "FastLSTM", "matmul_dtype": "float32", "lstm_loop": "onednn"
+        "layer": "FastLSTM", "matmul_dtype": "float32", "lstm_loop": "onednn", "chains": 2
     }  # fmt: skip
     assert model_lib.lstm_loop(load_config(None, ["model.lstm_loop=tensorflow"]).model) == (
         "tensorflow"
@@ -142,10 +158,13 @@ def test_thread_pools_on_the_op_never_run_two_teams_on_the_same_cores(monkeypatc
     from charrnn_keras.train import thread_pools
 
     monkeypatch.setattr(native_lstm, "available", lambda: True)
-    # 64 rows x 128 units: every core in the op, one op at a time in float32; in bf16, which
-    # multiplies ~4x faster, one thread per op and ops side by side.
-    assert thread_pools(load_config(None), cores=2) == (2, 1)
+    # 64 rows x 128 units (8M gate multiply-adds a step): one thread per op and one op per
+    # core, in float32 and bf16 alike (the layer then splits its rows, op_chains).
+    assert thread_pools(load_config(None), cores=2) == (1, 2)
     assert thread_pools(load_config(None, ["model.matmul_dtype=bfloat16"]), cores=2) == (1, 2)
+    assert thread_pools(load_config(None, ["model.rnn_size=192"]), cores=2) == (1, 2)  # 19M
+    # From 2 x 256 at 64 rows (34M): every core in the op, one op at a time.
+    assert thread_pools(load_config(None, ["model.rnn_size=256"]), cores=2) == (2, 1)
     big = load_config(None, ["model.rnn_size=512", "model.matmul_dtype=bfloat16"])
     assert thread_pools(big, cores=2) == (2, 1)
     assert thread_pools(big, cores=16) == (16, 1)
@@ -154,13 +173,17 @@ def test_thread_pools_on_the_op_never_run_two_teams_on_the_same_cores(monkeypatc
     pinned = load_config(None, ["model.rnn_size=512", "train.intra_op_threads=3"])
     assert thread_pools(pinned, cores=16) == (3, 1)
     # chains are a TensorFlow-loop setting: on the op they change nothing.
-    assert thread_pools(load_config(None, ["model.chains=2"]), cores=2) == (2, 1)
+    chained = ["model.rnn_size=512", "model.matmul_dtype=bfloat16", "model.chains=2"]
+    assert thread_pools(load_config(None, chained), cores=2) == (2, 1)
 
 
 @needs_op
 def test_a_run_trains_on_the_op_and_says_so(tiny_run):
-    info = json.loads((tiny_run / "run.json").read_text())
-    assert info["compute"]["lstm_loop"] == "onednn"
+    compute = json.loads((tiny_run / "run.json").read_text())["compute"]
+    assert compute["lstm_loop"] == "onednn"
+    # The ops each layer's batch was split into, as the recorded pools give them.
+    pools = compute["intra_op_threads"], compute["inter_op_threads"]
+    assert compute["chains"] == native_lstm.op_chains(*pools)
 
 
 @needs_op
