@@ -14,10 +14,10 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn_keras.averaging import averaged_weights
+from charrnn_keras.checkpoints import checkpoint_name
 from charrnn_keras.distribute import SINGLE
 from charrnn_keras.model import reset_states, rnn_layers
 from charrnn_keras.replicas import replica_states, set_replica_states
-from charrnn_keras.rundir import checkpoint_name
 
 logger = logging.getLogger(__name__)
 

@@ -80,11 +80,11 @@ def _run_dir(args) -> Path:
 
 def _checked_run(args) -> tuple[Path, object]:
     """The run directory to use and its vocabulary, checked before TensorFlow loads."""
-    from charrnn_keras import rundir
+    from charrnn_keras import checkpoints, rundir
 
     run_dir = _run_dir(args)
     _, vocab = rundir.load_run(run_dir)
-    rundir.find_checkpoint(run_dir, args.checkpoint)
+    checkpoints.find_checkpoint(run_dir, args.checkpoint)
     return run_dir, vocab
 
 

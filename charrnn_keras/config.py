@@ -65,8 +65,8 @@ class ModelConfig:
         lstm_loop: FastLSTM's training loop: ``onednn``, oneDNN's fused LSTM op
             (``native_lstm.py``, built by ``make install``; ``chains`` and ``time_chunks``
             do not apply to it: it splits the batch by the thread pools, one op per inter-op
-            thread when each op has one thread); ``tensorflow``, TensorFlow ops; ``auto``, the op where it is
-            built and no GPU is visible, else TensorFlow ops.
+            thread when each op has one thread); ``tensorflow``, TensorFlow ops; ``auto``,
+            the op where it is built and no GPU is visible, else TensorFlow ops.
         init: the recurrent and output layers' initialisers: ``keras`` (Glorot, orthogonal,
             forget-gate bias 1) or ``torch`` (PyTorch's uniform draws; ``initializers.py``).
     """

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from charrnn_keras import draw_loop, lstm_step, rundir
+from charrnn_keras import checkpoints, draw_loop, lstm_step, rundir
 from charrnn_keras.draw import draw_next
 from charrnn_keras.errors import SamplingError, VocabError, option
 from charrnn_keras.limits import INT32_MAX, STRATEGIES, UNKNOWN, check_settings
@@ -76,9 +76,9 @@ def load_sampling_model(run_dir, checkpoint=None) -> tuple[keras.Model, object, 
         ``(model, config, vocab)``.
     """
     cfg, vocab = rundir.load_run(run_dir)
-    path = rundir.find_checkpoint(run_dir, checkpoint)
+    path = checkpoints.find_checkpoint(run_dir, checkpoint)
     model = build_model(cfg.model, len(vocab), batch_size=1, seq_length=1, name="sampler")
-    rundir.load_weights(model, path, vocab)
+    checkpoints.load_weights(model, path, vocab)
     logger.debug("generating with %s", path)
     return model, cfg, vocab
 

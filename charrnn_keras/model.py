@@ -76,7 +76,7 @@ class CharRNN(keras.Sequential):
     ``model.save_weights``, so doing the temporary-name-then-rename here means a crash or a
     full disk never leaves half a checkpoint under the real name. ``vocab_sha256`` (set by
     ``build_model``'s ``vocab``) is stored in every file as the ``VOCAB_ATTR`` attribute, so
-    that ``rundir.load_weights`` can refuse a checkpoint of another vocabulary.
+    that ``checkpoints.load_weights`` can refuse a checkpoint of another vocabulary.
     """
 
     vocab_sha256: str | None = None

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from charrnn_keras.checkpoints import find_checkpoint, load_weights, periodic_checkpoints
 from charrnn_keras.config import Config
 from charrnn_keras.distribute import agree, config_facts, make_topology
 from charrnn_keras.errors import DistributeError, Interrupted, TrainingStopped
 from charrnn_keras.model import lstm_loop
-from charrnn_keras.rundir import Status, find_checkpoint, load_weights, periodic_checkpoints
+from charrnn_keras.rundir import Status
 from charrnn_keras.sampling import Sampler
 from charrnn_keras.session import SAMPLE_TEMPERATURE, Session, prepare, start
 

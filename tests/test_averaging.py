@@ -13,10 +13,11 @@ from conftest import TINY_CONFIG, TINY_TEXT
 from charrnn_keras import data as data_lib
 from charrnn_keras.averaging import averaged_weights
 from charrnn_keras.callbacks import ValidationLoss
+from charrnn_keras.checkpoints import find_checkpoint, load_weights
 from charrnn_keras.config import load_config
 from charrnn_keras.errors import Interrupted
 from charrnn_keras.model import build_model, compile_model
-from charrnn_keras.rundir import find_checkpoint, load_run, load_weights
+from charrnn_keras.rundir import load_run
 from charrnn_keras.train import train
 
 EMA = ["train.ema=0.8", "train.sample_chars=0"]

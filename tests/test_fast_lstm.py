@@ -191,8 +191,8 @@ def test_fast_model_infers_what_the_keras_model_does(tmp_path):
 def test_fast_bf16_run_trains_and_its_checkpoints_serve_plain_lstm(tmp_path):
     from conftest import TINY_CONFIG, TINY_TEXT
 
+    from charrnn_keras import checkpoints, rundir
     from charrnn_keras import corpus as corpus_lib
-    from charrnn_keras import rundir
     from charrnn_keras.config import load_config
     from charrnn_keras.errors import CharRNNError
     from charrnn_keras.resume import check_resume
@@ -210,7 +210,7 @@ def test_fast_bf16_run_trains_and_its_checkpoints_serve_plain_lstm(tmp_path):
     # A sampler with keras.layers.LSTM loads the FastLSTM run's checkpoint and writes the same.
     cfg, vocab = rundir.load_run(run)
     plain = Sampler(load_config(TINY_CONFIG).model, vocab)
-    rundir.load_weights(plain.model, rundir.find_checkpoint(run))
+    checkpoints.load_weights(plain.model, checkpoints.find_checkpoint(run))
     expected = Sampler.from_run_dir(run).sample("the ", 40, seed=3)
     assert plain.sample("the ", 40, seed=3) == expected
 

@@ -26,7 +26,7 @@ import keras
 import pytest
 from conftest import TINY_CONFIG, TINY_TEXT
 
-from charrnn_keras import atomic, cli, rundir
+from charrnn_keras import atomic, checkpoints, cli, rundir
 from charrnn_keras import train as train_mod
 from charrnn_keras.config import load_config
 from charrnn_keras.errors import CharRNNError, TrainingStopped
@@ -429,7 +429,7 @@ def test_damaged_checkpoint_is_one_clear_line(tiny_run, tmp_path, capsys, damage
     cfg, vocab = rundir.load_run(run)
     model = build_model(cfg.model, len(vocab), 1, 1)
     with pytest.raises(RunDirError, match=f"checkpoint {best} cannot be loaded") as e:
-        rundir.load_weights(model, best)
+        checkpoints.load_weights(model, best)
     assert "\n" not in str(e.value)
     assert cli.main(["sample", "--run-dir", str(run), "-n", "5"]) == 2
     assert str(best) in _one_error_line(capsys.readouterr().err, "sample")
@@ -617,16 +617,16 @@ def test_unknown_key_in_config_file_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_missing_run_dir_or_checkpoint_is_a_clear_error(tmp_path, tiny_run):
     missing = tmp_path / "nope"
-    for call in (rundir.load_run, rundir.find_checkpoint):
+    for call in (rundir.load_run, checkpoints.find_checkpoint):
         with pytest.raises(RunDirError, match=f"run directory {missing} does not exist"):
             call(missing)
     empty = tmp_path / "empty"
     shutil.copytree(tiny_run, empty, ignore=shutil.ignore_patterns("checkpoints"))
     rundir.load_run(empty)  # config and vocabulary are fine
     with pytest.raises(RunDirError, match=f"{empty} holds no checkpoint yet"):
-        rundir.find_checkpoint(empty)
+        checkpoints.find_checkpoint(empty)
     with pytest.raises(RunDirError, match="checkpoint other.weights.h5 does not exist"):
-        rundir.find_checkpoint(tiny_run, "other.weights.h5")
+        checkpoints.find_checkpoint(tiny_run, "other.weights.h5")
 
 
 @pytest.mark.parametrize("command", ["sample", "export"])

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_CONFIG, TINY_TEXT, our_stderr
 
-from charrnn_keras import cli, rundir, sizing
+from charrnn_keras import checkpoints, cli, rundir, sizing
 from charrnn_keras import corpus as corpus_lib
 from charrnn_keras import model as model_lib
 from charrnn_keras import train as train_mod
@@ -78,7 +78,7 @@ def _other_vocab(vocab: Vocab) -> Vocab:
 
 def test_checkpoints_carry_the_vocabulary_fingerprint(tiny_run):
     _, vocab = rundir.load_run(tiny_run)
-    best = rundir.find_checkpoint(tiny_run)
+    best = checkpoints.find_checkpoint(tiny_run)
     assert model_lib.read_fingerprint(best) == model_lib.vocab_fingerprint(vocab)
 
 
@@ -90,7 +90,7 @@ def test_checkpoint_of_another_vocabulary_is_refused(tiny_run, tmp_path, capsys)
 
     model = model_lib.build_model(cfg.model, len(vocab), 1, 1)
     with pytest.raises(RunDirError) as e:
-        rundir.load_weights(model, foreign, vocab)
+        checkpoints.load_weights(model, foreign, vocab)
     message = str(e.value)
     assert f"checkpoint {foreign} was trained on another vocabulary" in message
     assert model_lib.vocab_fingerprint(other)[:12] in message
@@ -112,13 +112,13 @@ def test_checkpoint_of_another_vocabulary_is_refused(tiny_run, tmp_path, capsys)
 def test_checkpoint_without_a_fingerprint_still_loads(tiny_run, tmp_path):
     cfg, vocab = rundir.load_run(tiny_run)
     old = tmp_path / "old.weights.h5"
-    shutil.copyfile(rundir.find_checkpoint(tiny_run), old)
+    shutil.copyfile(checkpoints.find_checkpoint(tiny_run), old)
     with h5py.File(old, "a") as f:  # as written before checkpoints carried one
         del f.attrs[model_lib.VOCAB_ATTR]
     model = model_lib.build_model(cfg.model, len(vocab), 1, 1, vocab=vocab)
-    rundir.load_weights(model, old)
+    checkpoints.load_weights(model, old)
     reference = model_lib.build_model(cfg.model, len(vocab), 1, 1)
-    rundir.load_weights(reference, rundir.find_checkpoint(tiny_run), vocab)
+    checkpoints.load_weights(reference, checkpoints.find_checkpoint(tiny_run), vocab)
     for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 

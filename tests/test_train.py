@@ -275,19 +275,19 @@ def test_interrupted_run_resumes_at_the_right_epoch(tmp_path):
 def test_periodic_checkpoint_names_are_parsed_back_even_for_non_finite_losses(tmp_path):
     # The name was written with f"{loss:.3f}" ("nan", "inf") but parsed with [\d.]+: a
     # checkpoint saved at a NaN loss was invisible to find_checkpoint.
-    from charrnn_keras import rundir
+    from charrnn_keras import checkpoints
 
     losses = {5: 1.5, 10: math.nan, 20: math.inf, 30: -math.inf}
-    names = [rundir.checkpoint_name(step, 16, loss) for step, loss in losses.items()]
+    names = [checkpoints.checkpoint_name(step, 16, loss) for step, loss in losses.items()]
     assert names[1] == "i10_l16_vnan.weights.h5" and names[2] == "i20_l16_vinf.weights.h5"
-    assert [rundir.checkpoint_step(n) for n in names] == list(losses)
-    assert rundir.checkpoint_step("best.weights.h5") is None
+    assert [checkpoints.checkpoint_step(n) for n in names] == list(losses)
+    assert checkpoints.checkpoint_step("best.weights.h5") is None
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
     for name in reversed(names):
         (ckpt / name).write_bytes(b"x")
-    assert [p.name for p in rundir.periodic_checkpoints(tmp_path)] == names
-    assert rundir.find_checkpoint(tmp_path).name == names[-1]
+    assert [p.name for p in checkpoints.periodic_checkpoints(tmp_path)] == names
+    assert checkpoints.find_checkpoint(tmp_path).name == names[-1]
 
 
 class _Clock:
