@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 
 #include <omp.h>
 
@@ -34,10 +35,19 @@ using memory = dnnl::memory;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 
+// The engine and the primitives' cache are never destroyed: at exit, static destructors would
+// free the engine before the cached primitives that refer to it, possibly while one of
+// TensorFlow's threads (never joined) still runs an op.
 dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
+  static auto* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
 }
+
+// A reorder and its descriptor, which says how much scratch memory an execution needs.
+struct Reorder {
+  dnnl::reorder::primitive_desc pd;
+  dnnl::reorder prim;
+};
 
 // Primitives are costly to create (milliseconds) and free to reuse, so each shape's are made
 // once. The backward descriptor needs the forward one as its hint, so both live together.
@@ -46,9 +56,9 @@ struct Primitives {
   dnnl::lstm_forward fwd;
   dnnl::lstm_backward::primitive_desc bwd_pd;
   dnnl::lstm_backward bwd;
-  dnnl::reorder fwd_w, fwd_u, bwd_w, bwd_u;  // user float32 weights -> each primitive's own
-  bool dw_direct, du_direct;                 // diff weights already in the user's layout
-  dnnl::reorder bwd_dw, bwd_du;              // otherwise: primitive's layout -> user's
+  Reorder fwd_w, fwd_u, bwd_w, bwd_u;  // user float32 weights -> each primitive's own
+  bool dw_direct, du_direct;           // diff weights already in the user's layout
+  Reorder bwd_dw, bwd_du;              // otherwise: primitive's layout -> user's
 };
 
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool>;  // time, batch, in, units, bf16
@@ -84,8 +94,9 @@ std::shared_ptr<Primitives> Create(const Key& key) {
   Primitives& p = *owned;
   memory::desc w_any({1, 1, in, 4, u}, data, tag::any);
   memory::desc u_any({1, 1, u, 4, u}, data, tag::any);
-  // Scratch memory comes from TensorFlow with each call: oneDNN's own global scratchpad is not
-  // safe when TensorFlow runs primitives from several threads.
+  // Scratch memory comes from TensorFlow with each call, for the reorders too: oneDNN's own
+  // global scratchpad is not safe when TensorFlow runs primitives from several threads, and a
+  // layer's chains (native_lstm.op_chains) run the same primitives side by side.
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   p.fwd_pd = dnnl::lstm_forward::primitive_desc(
@@ -101,7 +112,8 @@ std::shared_ptr<Primitives> Create(const Key& key) {
       p.fwd_pd, attr);
   p.bwd = dnnl::lstm_backward(p.bwd_pd);
   auto reorder = [&](const memory::desc& from, const memory::desc& to) {
-    return dnnl::reorder(dnnl::reorder::primitive_desc(eng, from, eng, to));
+    dnnl::reorder::primitive_desc pd(eng, from, eng, to, attr);
+    return Reorder{pd, dnnl::reorder(pd)};
   };
   p.fwd_w = reorder(d.w_user, p.fwd_pd.weights_layer_desc());
   p.fwd_u = reorder(d.u_user, p.fwd_pd.weights_iter_desc());
@@ -115,10 +127,10 @@ std::shared_ptr<Primitives> Create(const Key& key) {
 }
 
 std::shared_ptr<Primitives> Get(const Key& key) {
-  static std::mutex mu;
-  static std::map<Key, std::shared_ptr<Primitives>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[key];
+  static auto* mu = new std::mutex;
+  static auto* cache = new std::map<Key, std::shared_ptr<Primitives>>;
+  std::lock_guard<std::mutex> lock(*mu);
+  auto& slot = (*cache)[key];
   if (!slot) slot = Create(key);
   return slot;
 }
@@ -129,6 +141,20 @@ void UseIntraOpThreads(OpKernelContext* ctx) {
 }
 
 void* Data(const Tensor& t) { return const_cast<char*>(t.tensor_data().data()); }
+
+memory Scratch(OpKernelContext* ctx, const memory::desc& desc, Tensor* holder);
+
+// Runs a reorder with scratch memory of its own from TensorFlow's allocator.
+void Execute(OpKernelContext* ctx, const Reorder& r, dnnl::stream& s, memory& from, memory& to) {
+  std::unordered_map<int, memory> args{{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+  Tensor pad_buf;
+  if (r.pd.scratchpad_desc().get_size() > 0) {
+    args[DNNL_ARG_SCRATCHPAD] = Scratch(ctx, r.pd.scratchpad_desc(), &pad_buf);
+    if (!ctx->status().ok()) return;
+  }
+  r.prim.execute(s, args);
+  s.wait();  // before pad_buf goes back to TensorFlow
+}
 
 // A scratch buffer for a memory descriptor, owned by TensorFlow's allocator.
 memory Scratch(OpKernelContext* ctx, const memory::desc& desc, Tensor* holder) {
@@ -218,8 +244,9 @@ class LstmOp : public LstmKernel {
     if (!ctx->status().ok()) return;
     memory w_user(d.w_user, eng, Data(ctx->input(3)));
     memory u_user(d.u_user, eng, Data(ctx->input(4)));
-    p.fwd_w.execute(s, w_user, w);
-    p.fwd_u.execute(s, u_user, u);
+    Execute(ctx, p.fwd_w, s, w_user, w);
+    Execute(ctx, p.fwd_u, s, u_user, u);
+    if (!ctx->status().ok()) return;
     p.fwd.execute(s, {{DNNL_ARG_SRC_LAYER, memory(d.layer_in, eng, Data(ctx->input(0)))},
                        {DNNL_ARG_SRC_ITER, memory(d.iter, eng, Data(ctx->input(1)))},
                        {DNNL_ARG_SRC_ITER_C, memory(d.iter_c, eng, Data(ctx->input(2)))},
@@ -271,8 +298,9 @@ class LstmGradOp : public LstmKernel {
     if (!ctx->status().ok()) return;
     memory w_user(d.w_user, eng, Data(ctx->input(3)));
     memory u_user(d.u_user, eng, Data(ctx->input(4)));
-    p.bwd_w.execute(s, w_user, w);
-    p.bwd_u.execute(s, u_user, u);
+    Execute(ctx, p.bwd_w, s, w_user, w);
+    Execute(ctx, p.bwd_u, s, u_user, u);
+    if (!ctx->status().ok()) return;
     // oneDNN adds the weight gradients into these buffers.
     std::memset(dw_mem.get_data_handle(), 0, dw_mem.get_desc().get_size());
     std::memset(du_mem.get_data_handle(), 0, du_mem.get_desc().get_size());
@@ -297,8 +325,8 @@ class LstmGradOp : public LstmKernel {
                        {DNNL_ARG_DIFF_WEIGHTS_ITER, du_mem},
                        {DNNL_ARG_DIFF_BIAS, memory(d.bias, eng, Data(*db))},
                        {DNNL_ARG_SCRATCHPAD, pad}});
-    if (!p.dw_direct) p.bwd_dw.execute(s, dw_mem, dw_user);
-    if (!p.du_direct) p.bwd_du.execute(s, du_mem, du_user);
+    if (!p.dw_direct) Execute(ctx, p.bwd_dw, s, dw_mem, dw_user);
+    if (!p.du_direct) Execute(ctx, p.bwd_du, s, du_mem, du_user);
     s.wait();
   }
 };
