@@ -12,11 +12,11 @@ first op), every figure the median of interleaved 1-second windows:
   outputs and the cell state), in milliseconds: FastLSTM's TensorFlow loop in bf16 (with the
   chains and time_chunks of ``configs/shakespeare_fast.toml``), and oneDNN's op in bf16 and
   float32.
-- ``step``: the seed model's whole Keras training step on the op in bf16 (``train_on_batch``
-  through ``build_model``/``compile_model``), and its parts: forward alone, forward and
-  backward, and with Adam (clipped) but outside Keras's train function; then the whole step
-  in bf16 and float32, each with the batch split by the pools (``native_lstm.op_chains``,
-  what trains) and as one op per layer (``_one_op``).
+- ``step``: the seed model's whole Keras training step on the op (``train_on_batch`` through
+  ``build_model``/``compile_model``) in bf16 and float32, each with the batch split by the
+  pools (``native_lstm.op_chains``, what trains) and as one op per layer (``_one_op``); and the
+  bf16 step's parts: forward alone, forward and backward, and with Adam (clipped) but outside
+  Keras's train function.
 
 Results go to ``bench/results/lstm_loop_<parts>.json``.
 """
@@ -125,11 +125,11 @@ def step_worker(shape: dict, rounds: int) -> dict:
         native_lstm.op_chains = pools
         return model
 
-    model = keras_model("onednn-bf16")
     steps = {
         f"keras_step_{impl}{'_one_op' if one_op else ''}": keras_model(impl, one_op)
         for impl in ("onednn-bf16", "onednn") for one_op in (False, True)
     }  # fmt: skip
+    model = steps["keras_step_onednn-bf16"]
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     weights = model.trainable_variables
     adam = keras.optimizers.Adam(global_clipnorm=5.0)
@@ -155,7 +155,6 @@ def step_worker(shape: dict, rounds: int) -> dict:
             "forward": lambda: forward().numpy(),
             "forward_backward": lambda: gradients()[-1].numpy(),  # [0], the embedding's: sparse
             "with_adam": lambda: update().numpy(),
-            "keras_step": lambda: model.train_on_batch(x, y),
             **{name: functools.partial(m.train_on_batch, x, y) for name, m in steps.items()},
         },
         rounds,

@@ -107,7 +107,7 @@ def lstm_sequence(
     units = recurrent_kernel.shape[0]
     if batch is None or batch < chains:
         chains = 1
-    sizes = [batch // chains + (k < batch % chains) for k in range(chains)] if batch else [-1]
+    sizes = native_lstm.row_sizes(batch, chains) if batch else [-1]
     batch = batch if batch is not None else tf.shape(x)[0]
     n = max(1, min(time_chunks, steps))
     bounds = [(steps * j // n, steps * (j + 1) // n) for j in range(n)]

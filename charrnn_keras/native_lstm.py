@@ -179,6 +179,11 @@ def resolve(loop: str) -> str:
     return "onednn"
 
 
+def row_sizes(batch: int, chains: int) -> list[int]:
+    """The batch rows of each chain: as even as can be, the first ones a row larger."""
+    return [batch // chains + (k < batch % chains) for k in range(chains)]
+
+
 def op_chains(intra: int | None = None, inter: int | None = None, cores: int | None = None) -> int:
     """How many ops a layer's batch rows are split into: one per inter-op thread when each op
     gets one intra-op thread (what ``train.thread_pools`` gives small layers), else 1, so that
@@ -247,7 +252,7 @@ def lstm_sequence(x, h0, c0, kernel, recurrent_kernel, bias, bfloat16=False, cha
     batch = x.shape[0]
     if batch is None or batch < chains or chains <= 1:
         return core(x, h0, c0, kernel, recurrent_kernel, bias)
-    sizes = [batch // chains + (k < batch % chains) for k in range(chains)]
+    sizes = row_sizes(batch, chains)
     parts = [
         core(*rows, kernel, recurrent_kernel, bias)
         for rows in zip(*(tf.split(t, sizes) for t in (x, h0, c0)), strict=True)

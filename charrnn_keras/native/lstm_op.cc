@@ -142,20 +142,6 @@ void UseIntraOpThreads(OpKernelContext* ctx) {
 
 void* Data(const Tensor& t) { return const_cast<char*>(t.tensor_data().data()); }
 
-memory Scratch(OpKernelContext* ctx, const memory::desc& desc, Tensor* holder);
-
-// Runs a reorder with scratch memory of its own from TensorFlow's allocator.
-void Execute(OpKernelContext* ctx, const Reorder& r, dnnl::stream& s, memory& from, memory& to) {
-  std::unordered_map<int, memory> args{{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
-  Tensor pad_buf;
-  if (r.pd.scratchpad_desc().get_size() > 0) {
-    args[DNNL_ARG_SCRATCHPAD] = Scratch(ctx, r.pd.scratchpad_desc(), &pad_buf);
-    if (!ctx->status().ok()) return;
-  }
-  r.prim.execute(s, args);
-  s.wait();  // before pad_buf goes back to TensorFlow
-}
-
 // A scratch buffer for a memory descriptor, owned by TensorFlow's allocator.
 memory Scratch(OpKernelContext* ctx, const memory::desc& desc, Tensor* holder) {
   int64_t bytes = static_cast<int64_t>(desc.get_size());
@@ -165,6 +151,19 @@ memory Scratch(OpKernelContext* ctx, const memory::desc& desc, Tensor* holder) {
     return memory();
   }
   return memory(desc, Engine(), Data(*holder));
+}
+
+// Runs a reorder with scratch memory of its own from TensorFlow's allocator.
+void Execute(OpKernelContext* ctx, const Reorder& r, dnnl::stream& s, const memory& from,
+             const memory& to) {
+  std::unordered_map<int, memory> args{{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}};
+  Tensor pad_buf;
+  if (r.pd.scratchpad_desc().get_size() > 0) {
+    args[DNNL_ARG_SCRATCHPAD] = Scratch(ctx, r.pd.scratchpad_desc(), &pad_buf);
+    if (!ctx->status().ok()) return;
+  }
+  r.prim.execute(s, args);
+  s.wait();  // before pad_buf goes back to TensorFlow
 }
 
 // Validates the shapes shared by both ops and returns the primitives' key.
