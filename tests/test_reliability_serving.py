@@ -8,7 +8,7 @@ on 127.0.0.1, so a request that crashed the server shows as a dead process, and 
 memory (VmRSS in /proc/<pid>/status) is measured without the clients'.
 
 Load: ``LOAD_CLIENTS`` clients for ``LOAD_SECONDS`` (environment ``CHARRNN_LOAD_SECONDS``,
-default 15), after a ``WARMUP_SECONDS`` burst that lets the server's thread pool, gRPC buffers
+default 10), after a ``WARMUP_SECONDS`` burst that lets the server's thread pool, gRPC buffers
 and allocator reach their working size; the server's RSS may then grow by at most
 ``RSS_TOLERANCE_MIB`` (see there).
 """
@@ -50,7 +50,7 @@ VOCAB_TEXT = "the cat sat.\n\u00e9\u00df\u65e5\u672c\u0301\U0001f600"
 VOCAB = sorted(set(VOCAB_TEXT))
 NOT_IN_VOCAB = "\u03a9"  # Ω
 
-LOAD_SECONDS = float(os.environ.get("CHARRNN_LOAD_SECONDS", 15))
+LOAD_SECONDS = float(os.environ.get("CHARRNN_LOAD_SECONDS", 10))
 LOAD_CLIENTS = 64
 LOAD_CHARS = 20
 WARMUP_SECONDS = 3.0
@@ -410,7 +410,7 @@ def _load(clients, solo, seconds) -> tuple[list[int], list[str]]:
 
 
 def test_load_many_clients_right_text_flat_memory(server):
-    """LOAD_CLIENTS (64) clients at once for LOAD_SECONDS (CHARRNN_LOAD_SECONDS, default 15).
+    """LOAD_CLIENTS (64) clients at once for LOAD_SECONDS (CHARRNN_LOAD_SECONDS, default 10).
 
     Each client has its own channel, prime and seed, and checks every reply against the reply
     its request got alone; the server's RSS after the load is within RSS_TOLERANCE_MIB of its

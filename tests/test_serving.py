@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -40,6 +41,12 @@ def export_dir(tiny_run, tmp_path_factory):
     export_dir = tmp_path_factory.mktemp("export")
     export_run(tiny_run, export_dir, MODEL)
     return export_dir
+
+
+@pytest.fixture(scope="module")
+def one_version(export_dir) -> Path:
+    """The module's exported version, to copy (a copy costs milliseconds, an export seconds)."""
+    return export_dir / MODEL / "1"
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +265,8 @@ def test_error_codes(stub, address):
 def test_new_version_is_served_without_restart(tiny_run, tmp_path):
     export_dir = tmp_path / "export"
     export_run(tiny_run, export_dir, MODEL)
-    with start_server(export_dir, MODEL, port=0, poll_seconds=0.1, max_load_retries=0) as running:
+    with start_server(export_dir, MODEL, port=0, poll_seconds=0.1, max_load_retries=0,
+                      heavy_slots=0) as running:  # fmt: skip
         with Client(f"127.0.0.1:{running.port}", MODEL) as client:
             before = client.generate("the", 20, 1.0, 0, 1)
             export_run(tiny_run, export_dir, MODEL, max_chars=20)  # version 2
@@ -332,14 +340,16 @@ def _copy_version(src, dst, with_variables=True):
         shutil.copytree(src / "variables", dst / "variables")
 
 
-def test_versions_follow_their_folders_as_in_tf_serving(tiny_run, tmp_path):
+def test_versions_follow_their_folders_as_in_tf_serving(tiny_run, one_version, tmp_path):
     """Deleted versions are unloaded (the highest left is served), a half-copied version is
     loaded once complete, and a failed load says why in GetModelStatus."""
     export_dir = tmp_path / "export"
-    v1 = export_run(tiny_run, export_dir, MODEL)
+    v1 = export_dir / MODEL / "1"
+    shutil.copytree(one_version, v1)
     export_run(tiny_run, export_dir, MODEL, max_chars=20)
     # The poller never runs here: refresh() is called by hand, so each step is deterministic.
-    with start_server(export_dir, MODEL, port=0, poll_seconds=3600) as running:
+    # No heavy lane (heavy_slots=0): a Session less to load and warm up for each version.
+    with start_server(export_dir, MODEL, port=0, poll_seconds=3600, heavy_slots=0) as running:
         refresh = running.manager.refresh
         with Client(f"127.0.0.1:{running.port}", MODEL) as client:
             assert client.status() == {2: "AVAILABLE"}
@@ -365,7 +375,7 @@ def test_versions_follow_their_folders_as_in_tf_serving(tiny_run, tmp_path):
             with pytest.raises(RequestFailed) as info:
                 client.generate("the", 5)
             assert info.value.code == grpc.StatusCode.NOT_FOUND
-            export_run(tiny_run, export_dir, MODEL, version=2)  # the number comes back
+            shutil.copytree(one_version, export_dir / MODEL / "2")  # the number comes back
             refresh()
             assert client.status()[2] == "AVAILABLE" and len(client.generate("the", 5)) == 5
 
@@ -414,14 +424,14 @@ def test_only_version_broken_reports_why_and_load_retries(tmp_path, monkeypatch)
 
 
 def test_a_version_whose_warm_up_fails_is_not_served_and_frees_its_sessions(
-    tiny_run, tmp_path, monkeypatch
+    one_version, tmp_path, monkeypatch
 ):
     from tensorflow_serving.apis import prediction_log_pb2
 
     from charrnn_keras.serving import versions
 
     export_dir = tmp_path / "export"
-    version = export_run(tiny_run, export_dir, MODEL)
+    version = shutil.copytree(one_version, export_dir / MODEL / "1")
     log = prediction_log_pb2.PredictionLog()
     log.predict_log.request.CopyFrom(generate_request(**{names.PRIME: np.array([7], np.int32)}))
     with tf.io.TFRecordWriter(str(version / names.WARMUP_DIR / names.WARMUP_FILE)) as writer:
@@ -448,12 +458,12 @@ def test_a_version_whose_warm_up_fails_is_not_served_and_frees_its_sessions(
         manager.close()
 
 
-def test_versions_that_do_not_fit_int64_are_ignored(tiny_run, tmp_path):
+def test_versions_that_do_not_fit_int64_are_ignored(one_version, tmp_path):
     """Issue 15, item 5: TF Serving skips folders that do not parse as an int64."""
     from charrnn_keras.serving.versions import ModelManager
 
     export_dir = tmp_path / "export"
-    v1 = export_run(tiny_run, export_dir, MODEL)
+    v1 = shutil.copytree(one_version, export_dir / MODEL / "1")
     huge = export_dir / MODEL / "99999999999999999999"
     _copy_version(v1, huge)
     assert names.list_versions(export_dir / MODEL) == [1]
