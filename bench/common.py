@@ -193,3 +193,22 @@ def run_worker(
 def emit(result: dict) -> None:
     """Prints a worker's result as one JSON line (the last line of its stdout)."""
     print(json.dumps(result), flush=True)
+
+
+def scale_bias_lr(model, factor: float) -> None:
+    """Multiplies the recurrent layers' bias learning rate (``--bias-lr``): torch's LSTM has two
+    biases (``b_ih``, ``b_hh``) that Adam moves one learning rate each, so their sum moves two."""
+    import keras
+
+    optimizer = model.optimizer
+    biases = {
+        id(layer.cell.bias.value) for layer in model.layers if isinstance(layer, keras.layers.RNN)
+    }
+    update_step = optimizer.update_step
+
+    def scaled(gradient, variable, learning_rate):
+        if id(variable) in biases:
+            learning_rate = learning_rate * factor
+        return update_step(gradient, variable, learning_rate)
+
+    optimizer.update_step = scaled

@@ -113,9 +113,7 @@ def main() -> None:
     compile_model(ours, TrainConfig(learning_rate=a.lr, grad_clip=5.0, epsilon=a.epsilon,
                                     weight_decay=a.weight_decay, ema=a.ema))  # fmt: skip
     if a.bias_lr != 1:
-        import quality
-
-        quality.scale_bias_lr(ours, a.bias_lr)
+        common.scale_bias_lr(ours, a.bias_lr)
     if not a.own_draw:
         copy_weights(ref.model, ours)
 

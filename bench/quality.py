@@ -100,7 +100,7 @@ def keras_worker(args, cfg) -> dict:
     model = build_model(model_cfg, vocab, d.batch_size, d.seq_length)
     compile_model(model, dataclasses.replace(t, ema=args.ema) if args.ema else t)
     if args.bias_lr != 1:
-        scale_bias_lr(model, args.bias_lr)
+        common.scale_bias_lr(model, args.bias_lr)
 
     validation = ValidationLoss(model, val_ds)
 
@@ -141,25 +141,6 @@ def keras_worker(args, cfg) -> dict:
         ],
     )
     return {"curve": curve, "steps_per_epoch": steps}
-
-
-def scale_bias_lr(model, factor: float) -> None:
-    """Multiplies the recurrent layers' bias learning rate (``--bias-lr``): torch's LSTM has two
-    biases (``b_ih``, ``b_hh``) that Adam moves one learning rate each, so their sum moves two."""
-    import keras
-
-    optimizer = model.optimizer
-    biases = {
-        id(layer.cell.bias.value) for layer in model.layers if isinstance(layer, keras.layers.RNN)
-    }
-    update_step = optimizer.update_step
-
-    def scaled(gradient, variable, learning_rate):
-        if id(variable) in biases:
-            learning_rate = learning_rate * factor
-        return update_step(gradient, variable, learning_rate)
-
-    optimizer.update_step = scaled
 
 
 def torch_worker(args, cfg) -> dict:
