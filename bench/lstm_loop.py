@@ -54,7 +54,7 @@ def layer_worker(shape: dict, rounds: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from charrnn_keras import fast_lstm, native_lstm
+    from charrnn_keras import native_lstm, tf_lstm
 
     b, t, n_in, u = (
         shape["batch_size"],
@@ -79,7 +79,7 @@ def layer_worker(shape: dict, rounds: int) -> dict:
     chunks = max(1, t // 10)
     return _windows(
         {
-            "tensorflow-bf16": timed(lambda *a: fast_lstm.lstm_sequence(
+            "tensorflow-bf16": timed(lambda *a: tf_lstm.lstm_sequence(
                 *a, matmul_dtype="bfloat16", chains=2, time_chunks=chunks)),
             "onednn-bf16": timed(lambda *a: native_lstm.lstm_sequence(*a, bfloat16=True)),
             "onednn-f32": timed(lambda *a: native_lstm.lstm_sequence(*a)),
