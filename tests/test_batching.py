@@ -223,7 +223,7 @@ def test_expired_request_does_not_fail_its_batch(plain, batched):
     # (the batch waits up to 3 s for 6 rows); 2) it comes last, into a batch that runs long.
     alone_session, signature = load(plain)
     flat = [row for request in random_requests(np.random.default_rng(8), 6) for row in request]
-    # As long as a request can be and stay out of the heavy lane (its own Sessions and batches).
+    # As long as a request can be without counting as heavy (HEAVY_COST): a batch that runs long.
     long_row = [(b"the", HEAVY_COST - 96, 1.0, 0, 1.0, [3, 0], b"sample")]
     phases = [(flat[:1], [flat[1:4], flat[4:6]]), (flat[6:7], [long_row, flat[7:11]])]
     expected = [[list(run(alone_session, signature, rows)[names.TEXT]) for rows in others[1:]]
