@@ -66,7 +66,8 @@ class ModelConfig:
             (``native_lstm.py``, built by ``make install``; ``chains`` and ``time_chunks``
             do not apply to it: it splits the batch by the thread pools, one op per inter-op
             thread when each op has one thread); ``tensorflow``, TensorFlow ops; ``auto``,
-            the op where it is built and no GPU is visible, else TensorFlow ops.
+            the op where it is built, no GPU is visible and oneDNN has kernels for the
+            matmul dtype (bf16 needs AVX-512), else TensorFlow ops.
         init: the recurrent and output layers' initialisers: ``keras`` (Glorot, orthogonal,
             forget-gate bias 1) or ``torch`` (PyTorch's uniform draws; ``initializers.py``).
     """

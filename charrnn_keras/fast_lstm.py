@@ -84,7 +84,10 @@ class FastLSTM(keras.layers.LSTM):
 
     def uses_onednn(self) -> bool:
         """Whether training runs oneDNN's fused op (``native_lstm.resolve``)."""
-        return native_lstm.resolve(self.loop) == "onednn"
+        return native_lstm.resolve(self.loop, bfloat16=self._bf16()) == "onednn"
+
+    def _bf16(self) -> bool:
+        return tf.as_dtype(self.matmul_dtype or "float32") == tf.bfloat16
 
     def fast_path_ok(self, sequences, mask) -> bool:
         """Returns whether the fast loops compute what Keras's loop would for this call (the
@@ -119,10 +122,10 @@ class FastLSTM(keras.layers.LSTM):
         ]
         if onednn:
             # Training only: what validation, sampling and the export run stays standard ops.
-            bf16 = tf.as_dtype(self.matmul_dtype or "float32") == tf.bfloat16
             outputs, h, c = native_lstm.lstm_sequence(
-                sequences, *initial_state, *weights, bfloat16=bf16, chains=native_lstm.op_chains()
-            )
+                sequences, *initial_state, *weights, bfloat16=self._bf16(),
+                chains=native_lstm.op_chains(),
+            )  # fmt: skip
         else:
             outputs, h, c = tf_lstm.lstm_sequence(
                 sequences,

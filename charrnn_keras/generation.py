@@ -29,10 +29,6 @@ from charrnn_keras.vocab import Vocab, format_chars
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 20  # unknown characters named in one error line
-# oneDNN multiplies a one-row matrix by a kernel of 512 or more rows as a matrix-vector
-# product, whose rounding differs from the same row's in a many-row product; so every loop
-# runs at least two rows, and a request alone gets the bits it gets in any batch.
-_MIN_ROWS = 2
 _STATE_PARTS = {1: ("h",), 2: ("h", "c")}  # a cell's state tensors, as Keras orders them
 
 
@@ -269,8 +265,8 @@ class Generator:
 
 def _pad_rows(structure, batch):
     """``structure``'s tensors (``[batch, ...]`` each) with copies of row 0 appended up to
-    ``_MIN_ROWS`` rows; none when ``batch`` is already that many."""
-    extra = tf.maximum(_MIN_ROWS - batch, 0)
+    ``lstm_step.padded_rows(batch)`` rows, so that a row gets the same bits in any batch."""
+    extra = lstm_step.padded_rows(batch) - batch
     return tf.nest.map_structure(
         lambda x: tf.concat([x, tf.repeat(x[:1], extra, axis=0)], axis=0), structure
     )

@@ -33,6 +33,27 @@ WEIGHTS_DTYPES = ("float32", "bfloat16")
 KERNELS = ("matmul", "block")
 
 
+def padded_rows(batch):
+    """The rows to run ``batch`` rows as, so that each row's matmul gets the same bits in any
+    batch: at least 4, and never 1-3 rows more than a multiple of 6.
+
+    oneDNN's float32 matmul rounds a row by the block of rows it shares in the kernel: on
+    AVX2 rows go in blocks of 6, and a block of 1-3 rows sums in another order than one of
+    4-6; on AVX-512 a lone row is a matrix-vector product. 4, 5, 6, 10, 11, 12, ... rows give
+    every row the same bits on both (tests/test_lstm_step.py checks this machine's).
+
+    Args:
+        batch: the row count, an int or an int32 scalar tensor.
+
+    Returns:
+        The padded row count, ``batch`` or more, of ``batch``'s kind.
+    """
+    rows = tf.maximum(batch, 4) if tf.is_tensor(batch) else max(batch, 4)
+    tail = rows % 6
+    short = (tail >= 1) & (tail <= 3)
+    return rows + (tf.where(short, 4 - tail, 0) if tf.is_tensor(batch) else short * (4 - tail))
+
+
 def supported(model: keras.Model) -> bool:
     """Whether ``FusedStep`` computes this model's step: Embedding, LSTM layers with Keras's
     default activations and a bias, Dropout (off when generating), a linear Dense."""
@@ -95,7 +116,10 @@ class FusedStep:
         if self.kernel == "block":
             return self._block_weights()
         first = self.cells[0]
-        table = tf.matmul(_value(self.embedding.embeddings), _value(first.kernel))
+        embeddings = _value(self.embedding.embeddings)
+        vocab = embeddings.shape[0]  # padded as a batch is, for the cells' bits in every row
+        padded = tf.pad(embeddings, [[0, padded_rows(vocab) - vocab], [0, 0]])
+        table = tf.matmul(padded, _value(first.kernel))[:vocab]
         out = [table, self._cast(first.recurrent_kernel), _value(first.bias)]
         for cell in self.cells[1:]:
             out += [self._cast(cell.kernel), self._cast(cell.recurrent_kernel), _value(cell.bias)]

@@ -208,9 +208,9 @@ def lstm_loop(cfg: ModelConfig) -> str:
     """FastLSTM's training loop for ``cfg``, ``onednn`` or ``tensorflow`` (``native_lstm.resolve``).
 
     Raises:
-        ConfigError: ``onednn`` was asked for and the op is not built.
+        ConfigError: ``onednn`` was asked for and the op is not built, or cannot run bf16 here.
     """
-    return native_lstm.resolve(cfg.lstm_loop)
+    return native_lstm.resolve(cfg.lstm_loop, bfloat16=matmul_dtype(cfg) == "bfloat16")
 
 
 def matmul_dtype(cfg: ModelConfig) -> str:

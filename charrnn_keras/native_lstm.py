@@ -147,18 +147,20 @@ def available() -> bool:
     return load() is not None
 
 
-def resolve(loop: str) -> str:
+def resolve(loop: str, bfloat16: bool = False) -> str:
     """The training loop that ``loop`` (``model.lstm_loop``) means on this machine.
 
     Args:
-        loop: ``auto`` (the op where it is built and no GPU is visible: it runs on the CPU
-            only), ``onednn`` or ``tensorflow``.
+        loop: ``auto`` (the op where it is built, no GPU is visible, since it runs on the CPU
+            only, and oneDNN has kernels for the dtype), ``onednn`` or ``tensorflow``.
+        bfloat16: whether the loop is to multiply in bf16 (``model.matmul_dtype``).
 
     Returns:
         ``onednn`` or ``tensorflow``.
 
     Raises:
-        ConfigError: ``onednn`` was asked for and the op is not built.
+        ConfigError: ``onednn`` was asked for and the op is not built, or cannot run bf16 on
+            this CPU.
     """
     import tensorflow as tf
 
@@ -176,7 +178,33 @@ def resolve(loop: str) -> str:
         return "tensorflow"
     if loop == "auto" and tf.config.list_physical_devices("GPU"):
         return "tensorflow"
+    if bfloat16 and not runs_bfloat16():
+        if loop == "onednn":
+            raise ConfigError(
+                "oneDNN's LSTM has no bfloat16 kernels for this CPU (they need AVX-512): set "
+                'model.matmul_dtype = "auto" or "float32", or model.lstm_loop = "auto"'
+            )
+        return "tensorflow"  # whose bf16 matmuls run anywhere, emulated where not native
     return "onednn"
+
+
+@functools.cache
+def runs_bfloat16() -> bool:
+    """Whether oneDNN's bf16 LSTM runs on this CPU (it needs AVX-512; without it the op fails
+    when it creates its primitive), asked of oneDNN itself with a one-step, one-unit LSTM."""
+    import tensorflow as tf
+
+    ops = load()
+    if ops is None:
+        return False
+    with tf.init_scope():  # eager, also when asked while a training graph is traced
+        one = tf.zeros([1, 1], tf.bfloat16)
+        try:
+            ops.charrnn_lstm(one[None], one, tf.zeros([1, 1]), tf.zeros([1, 4]),
+                             tf.zeros([1, 4]), tf.zeros([4]))  # fmt: skip
+        except tf.errors.OpError:
+            return False
+    return True
 
 
 def row_sizes(batch: int, chains: int) -> list[int]:

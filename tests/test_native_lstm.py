@@ -73,6 +73,9 @@ def test_the_op_splits_the_batch_by_the_thread_pools():
 
 
 @needs_op
+@pytest.mark.skipif(
+    not native_lstm.runs_bfloat16(), reason="oneDNN's bf16 LSTM needs AVX-512, not on this CPU"
+)
 def test_bfloat16_kernels_stay_close_to_float32():
     ref, fast = _pair()
     fast.loop, fast.matmul_dtype = "onednn", "bfloat16"
@@ -83,6 +86,33 @@ def test_bfloat16_kernels_stay_close_to_float32():
     np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), atol=0.05)
     for e, g in zip(expected[3], got[3], strict=True):
         np.testing.assert_allclose(g.numpy(), e.numpy(), atol=0.05 * np.abs(e.numpy()).max())
+
+
+@needs_op
+@needs_op
+def test_bfloat16_goes_to_the_tensorflow_loop_where_onednn_has_no_kernels(monkeypatch):
+    from charrnn_keras import model as model_lib
+    from charrnn_keras.errors import ConfigError
+    from charrnn_keras.fast_lstm import native_bf16
+
+    # Where "auto" picks bf16 (the CPU multiplies it natively), oneDNN's op must run it.
+    assert native_lstm.runs_bfloat16() or not native_bf16()
+    monkeypatch.setattr(native_lstm, "runs_bfloat16", lambda: False)  # an AVX2-only CPU
+    bf16 = load_config(None, ["model.matmul_dtype=bfloat16"]).model
+    assert model_lib.lstm_loop(bf16) == "tensorflow"
+    assert model_lib.lstm_loop(load_config(None).model) == "onednn"  # float32 still does
+    with pytest.raises(ConfigError, match="no bfloat16 kernels for this CPU .* set model.matmul"):
+        model_lib.lstm_loop(load_config(None, ["model.matmul_dtype=bfloat16",
+                                                "model.lstm_loop=onednn"]).model)  # fmt: skip
+    ref, fast = _pair()
+    fast.loop, fast.matmul_dtype = "auto", "bfloat16"
+    x, h0, c0 = _inputs()
+    graph = tf.function(lambda: fast(x, initial_state=[h0, c0], training=True))
+    graph = graph.get_concrete_function().graph
+    assert not any(op.type.startswith("Charrnn") for op in graph.get_operations())
+    expected, got = _run(ref, x, h0, c0, training=True), _run(fast, x, h0, c0, training=True)
+    assert np.abs(got[0].numpy() - expected[0].numpy()).max() > 1e-5  # bf16 did run
+    np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), atol=0.05)
 
 
 @needs_op
@@ -158,6 +188,7 @@ def test_thread_pools_on_the_op_never_run_two_teams_on_the_same_cores(monkeypatc
     from charrnn_keras.train import thread_pools
 
     monkeypatch.setattr(native_lstm, "available", lambda: True)
+    monkeypatch.setattr(native_lstm, "runs_bfloat16", lambda: True)  # a CPU with AVX-512
     # 64 rows x 128 units (8M gate multiply-adds a step): one thread per op and one op per
     # core, in float32 and bf16 alike (the layer then splits its rows, op_chains).
     assert thread_pools(load_config(None), cores=2) == (1, 2)
