@@ -151,8 +151,8 @@ def resolve(loop: str, bfloat16: bool = False) -> str:
     """The training loop that ``loop`` (``model.lstm_loop``) means on this machine.
 
     Args:
-        loop: ``auto`` (the op where it is built, no GPU is visible, since it runs on the CPU
-            only, and oneDNN has kernels for the dtype), ``onednn`` or ``tensorflow``.
+        loop: ``auto`` (the op where it is built, no GPU is visible, as the op runs on the
+            CPU only, and oneDNN has kernels for the dtype), ``onednn`` or ``tensorflow``.
         bfloat16: whether the loop is to multiply in bf16 (``model.matmul_dtype``).
 
     Returns:

@@ -89,7 +89,6 @@ def test_bfloat16_kernels_stay_close_to_float32():
 
 
 @needs_op
-@needs_op
 def test_bfloat16_goes_to_the_tensorflow_loop_where_onednn_has_no_kernels(monkeypatch):
     from charrnn_keras import model as model_lib
     from charrnn_keras.errors import ConfigError
