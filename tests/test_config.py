@@ -1,8 +1,17 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from charrnn_keras.config import Config, ConfigError, load_config, parse_override
 
-REPO_CONFIGS = ["default", "shakespeare", "anna", "tiny", "shakespeare_fast"]
+# Every file in configs/, so a new one cannot ship unloaded.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+
+
+def test_the_configs_directory_is_found():
+    assert {"default", "shakespeare", "anna", "tiny", "shakespeare_fast"} <= set(REPO_CONFIGS)
 
 
 @pytest.mark.parametrize("name", REPO_CONFIGS)
@@ -11,6 +20,16 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(REPO / "configs" / f"{name}.toml")
     assert cfg.model.num_layers >= 1
+
+
+def test_the_float32_fast_config_is_the_fast_one_with_float32_and_its_learning_rate():
+    from conftest import REPO
+
+    fast = load_config(REPO / "configs" / "shakespeare_fast.toml")
+    f32 = load_config(REPO / "configs" / "shakespeare_fast_float32.toml")
+    assert f32.data == fast.data
+    assert f32.model == dataclasses.replace(fast.model, matmul_dtype="float32")
+    assert f32.train == dataclasses.replace(fast.train, learning_rate=0.003)
 
 
 def test_seed_configs_match_the_notebooks():
