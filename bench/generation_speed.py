@@ -57,11 +57,32 @@ def export_base(commit: str, run_dir: Path, out: Path, workdir: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(common.REPO), "archive", commit, "charrnn_keras"],
                              check=True, capture_output=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    code = ("import sys; from charrnn_keras.export import export_run; "
-            "print(export_run(sys.argv[1], sys.argv[2], 'charrnn'))")  # fmt: skip
+    # A copy of the run whose config.toml keeps only the keys the base knows: keys added since
+    # (model.lstm_loop, model.init, ...) choose how training runs, not what the weights compute.
+    code = """
+import dataclasses, re, shutil, sys
+from pathlib import Path
+from charrnn_keras import config
+from charrnn_keras.export import export_run
+run = Path(sys.argv[3])
+shutil.copytree(sys.argv[1], run)
+sections = config._sections().items()
+known = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections}
+lines, section = [], None
+for line in (run / "config.toml").read_text().splitlines():
+    if m := re.match(r"\\[(\\w+)\\]", line):
+        section = m.group(1)
+    elif (m := re.match(r"(\\w+) =", line)) and m.group(1) not in known.get(section, ()):
+        continue
+    lines.append(line)
+(run / "config.toml").write_text("\\n".join(lines) + "\\n")
+print(export_run(run, sys.argv[2], "charrnn"))
+"""
     env = {**os.environ, "PYTHONPATH": str(src)}
-    proc = subprocess.run([sys.executable, "-c", code, str(run_dir), str(out)], check=True,
-                          capture_output=True, text=True, env=env, cwd=workdir)  # fmt: skip
+    argv = [sys.executable, "-c", code, str(run_dir), str(out), str(workdir / "base_run")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=workdir)
+    if proc.returncode:
+        sys.exit(f"exporting with {commit}'s package failed:\n{proc.stderr[-2000:]}")
     return Path(proc.stdout.strip().splitlines()[-1])
 
 

@@ -141,6 +141,7 @@ def cmd_export(args) -> int:
         checkpoint=args.checkpoint,
         max_chars=args.max_chars,
         batching_parameters_file=args.batching_parameters_file,
+        kernel=args.kernel,
     )
     print(f"exported SavedModel: {path}")
     return 0

@@ -234,6 +234,8 @@ def export_run(
             TensorFlow's BatchFunction op with them, merging concurrent requests in any server.
         weights_dtype: ``float32`` or, opt-in, ``bfloat16`` kernels for ``generate`` (see
             ``ExportModule``).
+        kernel: ``generate``'s LSTM products (``generation.Generator``): ``matmul``, Keras's
+            numbers bit for bit, or, opt-in, ``matvec``, one matrix-vector product per row.
 
     Returns:
         The path of the new version directory.

@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="TF Serving BatchingParameters text file: run generate in TensorFlow's "
         "BatchFunction op, which merges concurrent requests in any server",
     )
+    p.add_argument(
+        "--kernel",
+        choices=("matmul", "matvec"),
+        default="matmul",
+        help="generate's LSTM products: matmul (Keras's numbers, bit for bit) or matvec (one "
+        "matrix-vector product per row; 2.9x at batch 1 on an AVX2-only CPU, BENCHMARKS.md 3)",
+    )
     p.set_defaults(command="export")
 
     p = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")

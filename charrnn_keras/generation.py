@@ -95,7 +95,9 @@ class Generator:
         fused: use the FusedStep where it applies; False runs Keras's cells in every loop.
         weights_dtype: the FusedStep's kernels, ``float32`` or ``bfloat16`` (faster at larger
             batches where the CPU multiplies bf16 natively, but not the float32 text).
-        kernel: the FusedStep's LSTM: ``matmul`` or ``block`` (``tf.raw_ops.LSTMBlockCell``).
+        kernel: the FusedStep's LSTM: ``matmul``, ``matvec`` (one matrix-vector product per
+            row, so rows need no padding; Keras's numbers up to rounding) or ``block``
+            (``tf.raw_ops.LSTMBlockCell``).
         freeze: the plain draw holds the weights' values as graph constants (an export's
             weights never change; a Sampler's may, so it reads them on every call).
     """
@@ -205,7 +207,7 @@ class Generator:
             The new states.
         """
         batch = tf.shape(lengths)[0]
-        ids, lengths, states = _pad_rows([ids, lengths, states], batch)
+        ids, lengths, states = self._pad([ids, lengths, states], batch)
         if self.fused is not None:
             states = draw_loop.feed(self.fused, self.fused.weights(), ids, lengths, states)
             return [s[:batch] for s in states]
@@ -219,6 +221,12 @@ class Generator:
             lambda t, _: t < tf.reduce_max(lengths), body, (tf.constant(0), states)
         )
         return [s[:batch] for s in states]
+
+    def _pad(self, structure, batch):
+        """``_pad_rows`` unless the fused step multiplies each row alone (``kernel="matvec"``)."""
+        if self.fused is not None and self.fused.kernel == "matvec":
+            return structure
+        return _pad_rows(structure, batch)
 
     def draw(self, prev, states: list, count, settings: Draw, start):
         """Feeds ``prev``, draws the next character, feeds it, and so on ``count`` times.
@@ -236,7 +244,7 @@ class Generator:
         batch = tf.shape(prev)[0]
         shared_seed = settings.seed.shape.rank == 1  # one seed for all rows: nothing to pad
         rows = settings._replace(seed=()) if shared_seed else settings
-        prev, states, rows = _pad_rows([prev, states, rows], batch)
+        prev, states, rows = self._pad([prev, states, rows], batch)
         settings = rows._replace(seed=settings.seed) if shared_seed else rows
         if self.fused is not None:
             step = self.fused

@@ -116,6 +116,21 @@ def test_layout_versions_and_models_config(tiny_run, export_dir, exported, capsy
     )
 
 
+def test_export_kernel_flag_reaches_the_graph(tiny_run, export_dir, exported):
+    args = ["export", "--run-dir", str(tiny_run), "--export-dir", str(export_dir)]
+    assert cli.main([*args, "--version", "2", "--kernel", "matvec"]) == 0
+
+    def op_types(version):
+        graph = tf.Graph()
+        with tf.compat.v1.Session(graph=graph) as session:
+            tf.compat.v1.saved_model.loader.load(session, [names.SERVE_TAG],
+                                                 str(export_dir / "charrnn" / version))  # fmt: skip
+            meta = graph.as_graph_def()
+        return {n.op for f in meta.library.function for n in f.node_def} | {n.op for n in meta.node}
+
+    assert "BatchMatMulV2" in op_types("2") and "BatchMatMulV2" not in op_types("1")
+
+
 def test_existing_version_is_never_overwritten(tiny_run, export_dir, exported, capsys):
     before = (exported / "saved_model.pb").read_bytes()
     with pytest.raises(CharRNNError, match="already exists"):

@@ -60,17 +60,37 @@ def test_fused_step_is_the_keras_cells_step_exactly(fast_lstm, layers):
     np.testing.assert_array_equal(step(frozen, ids, fused_states)[0], expected)
 
 
-def test_block_kernel_computes_the_same_lstm():
-    """tf.raw_ops.LSTMBlockCell (gates i, c, f, o, no forget bias, no clipping) is Keras's
-    LSTM up to the matmul's rounding."""
+@pytest.mark.parametrize("kernel", ["block", "matvec"])
+def test_other_kernels_compute_the_same_lstm(kernel):
+    """tf.raw_ops.LSTMBlockCell (gates i, c, f, o, no forget bias, no clipping) and one
+    matrix-vector product per row are Keras's LSTM up to the products' rounding."""
     model, vocab = _model(True)
     cells = generation.Generator(model, vocab, fused=False)
-    step = lstm_step.FusedStep(model, kernel="block")
+    step = lstm_step.FusedStep(model, kernel=kernel)
     states = fused = cells.zero_states(2)
     for ids in ([1, 2], [7, 0], [3, 3]):
         logits, states = cells.step(tf.constant(ids), states)
         got, fused = step(step.weights(), tf.constant(ids), fused)
         np.testing.assert_allclose(got.numpy(), logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_matvec_kernel_feeds_and_draws_without_padding_rows(monkeypatch):
+    def no_padding(*_):
+        raise AssertionError("padded")
+
+    monkeypatch.setattr(generation, "_pad_rows", no_padding)
+    model, vocab = _model(True)
+    ids, lengths = tf.constant([[1, 2, 3]]), tf.constant([3])
+    flat, zeros = tf.ones([1]), tf.zeros([1], tf.int32)
+    settings = generation.Draw(flat, zeros, flat, tf.constant([[1, 0]], tf.int64),
+                               tf.zeros([1], tf.bool))  # fmt: skip
+    matvec = generation.Generator(model, vocab, kernel="matvec")
+    states = matvec.feed(ids, lengths, matvec.zero_states(1))
+    drawn, _, _ = matvec.draw(ids[:, 0], states, tf.constant(5), settings, tf.constant(0, tf.int64))
+    assert drawn.shape == (1, 5)
+    matmul = generation.Generator(model, vocab)
+    with pytest.raises(AssertionError, match="padded"):
+        matmul.feed(ids, lengths, matmul.zero_states(1))
 
 
 def test_other_models_keep_the_cells():
@@ -154,16 +174,18 @@ def test_bfloat16_export_loads_in_graph_mode_and_generates(exports, tmp_path):
     session.close()
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_a_row_alone_gets_the_bits_it_gets_in_a_batch(fused):
+@pytest.mark.parametrize(("fused", "kernel"), [(True, "matmul"), (False, "matmul"),
+                                               (True, "matvec")])  # fmt: skip
+def test_a_row_alone_gets_the_bits_it_gets_in_a_batch(fused, kernel):
     # With 512 units oneDNN multiplies a one-row matrix another way (a matrix-vector product)
     # than a many-row one on AVX-512, and on AVX2 a block of 1-3 rows another way than one of
     # 4-6: without the Generator's padding rows (lstm_step.padded_rows) these differ in their
     # last bits, and at a near-tie a request alone would draw another character than in a
-    # batch. 1, 3, 7 and 8 rows: every padding case.
+    # batch. 1, 3, 7 and 8 rows: every padding case. kernel="matvec" pads nothing: each row
+    # is its own matrix-vector product.
     cfg = ModelConfig(embedding_dim=8, rnn_size=512, num_layers=2)
     model = model_lib.build_model(cfg, 11, batch_size=1, seq_length=1)
-    gen = generation.Generator(model, Vocab(sorted("abcdefghij ")), fused=fused)
+    gen = generation.Generator(model, Vocab(sorted("abcdefghij ")), fused=fused, kernel=kernel)
     rng = np.random.default_rng(0)
     ids = tf.constant(rng.integers(0, 11, size=(8, 4)), tf.int32)
     lengths = tf.constant([4, 3, 2, 4, 1, 4, 2, 3], tf.int32)
