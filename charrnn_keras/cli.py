@@ -103,7 +103,7 @@ def cmd_sample(args) -> int:
     # One character at a time is a chain of small ops: a second intra-op thread costs more to
     # wake than it saves (2 x 512: 1.5x to 1.8x the characters/s with one; BENCHMARKS.md, 3).
     startup.pin_threads(1, 0)
-    sampler = Sampler.from_run_dir(run_dir, args.checkpoint)
+    sampler = Sampler.from_run_dir(run_dir, args.checkpoint, args.kernel)
     prime = sampler.prepare_prime(args.prime, unknown=args.unknown)
     settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     strategy=args.strategy)  # fmt: skip

@@ -63,7 +63,8 @@ class ExportModule:
             read per character, faster at batch 8 on CPUs with native bf16 but slower at
             batch 1 (BENCHMARKS.md, 3), and not the float32 text.
         fused: False generates with Keras's cells, as exports before ``lstm_step`` did (the
-            same text, slower; for comparisons).
+            ``matmul`` kernel's text, slower; for comparisons).
+        kernel: ``generate``'s products (see ``export_run``).
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class ExportModule:
         batching=None,
         weights_dtype: str = "float32",
         fused: bool = True,
-        kernel: str = "matmul",
+        kernel: str = "auto",
         freeze: bool = True,
     ):
         self.gen = generation.Generator(model, vocab, fused, weights_dtype, kernel, freeze)
@@ -212,7 +213,7 @@ def export_run(
     max_chars: int = names.DEFAULT_MAX_CHARS,
     batching_parameters_file=None,
     weights_dtype: str = "float32",
-    kernel: str = "matmul",
+    kernel: str = "auto",
     freeze: bool = True,
 ) -> Path:
     """Writes ``export_dir/model_name/version/`` atomically and refreshes ``models.config``.
@@ -234,8 +235,10 @@ def export_run(
             TensorFlow's BatchFunction op with them, merging concurrent requests in any server.
         weights_dtype: ``float32`` or, opt-in, ``bfloat16`` kernels for ``generate`` (see
             ``ExportModule``).
-        kernel: ``generate``'s LSTM products (``generation.Generator``): ``matmul``, Keras's
-            numbers bit for bit, or, opt-in, ``matvec``, one matrix-vector product per row.
+        kernel: ``generate``'s LSTM products (``generation.Generator``): ``auto``, the
+            fastest measured on the exporting machine's kind of CPU, as ``charrnn sample``
+            chooses there; ``matmul`` (for AVX-512 and AMX servers) or ``matvec`` (for AVX2
+            ones) to export for another kind.
 
     Returns:
         The path of the new version directory.
@@ -285,7 +288,8 @@ def export_run(
     parameters = Path(export_dir) / batching_lib.BATCHING_PARAMETERS
     if not parameters.exists():  # a file the user tuned stays as it is
         batching_lib.write_parameters(parameters)
-    log.info("exported %s", final)
+    fused = module.gen.fused
+    log.info("exported %s (generate: %s)", final, f"{fused.kernel} kernel" if fused else "cells")
     return final
 
 

@@ -15,34 +15,12 @@ a hand-written backward, the loop unrolled, optional bf16 matmul operands).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
 import tensorflow as tf
 
 from charrnn_keras import native_lstm, tf_lstm
 
 MAX_UNROLL = 512  # longer sequences use Keras's loop: an unrolled graph grows with the length
-
-
-def native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX), from /proc/cpuinfo.
-
-    Elsewhere bf16 matmuls are emulated and slower than float32, so ``auto`` keeps float32.
-
-    Args:
-        cpuinfo: the text of /proc/cpuinfo (read when None; no such file means no).
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return False
 
 
 @keras.saving.register_keras_serializable(package="charrnn_keras")

@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="prime characters missing from the vocabulary: error (default) or skip them",
     )
+    _add_kernel_flag(p)
     p.set_defaults(command="sample")
 
     p = sub.add_parser("export", help="write a versioned SavedModel for TF Serving")
@@ -203,13 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TF Serving BatchingParameters text file: run generate in TensorFlow's "
         "BatchFunction op, which merges concurrent requests in any server",
     )
-    p.add_argument(
-        "--kernel",
-        choices=("matmul", "matvec"),
-        default="matmul",
-        help="generate's LSTM products: matmul (Keras's numbers, bit for bit) or matvec (one "
-        "matrix-vector product per row; 2.9x at batch 1 on an AVX2-only CPU, BENCHMARKS.md 3)",
-    )
+    _add_kernel_flag(p)
     p.set_defaults(command="export")
 
     p = sub.add_parser("serve", help="serve exported models over TF Serving's gRPC API")
@@ -263,4 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Library parameters whose flag is not simply --name-with-dashes.
+def _add_kernel_flag(p) -> None:
+    p.add_argument(
+        "--kernel",
+        choices=("auto", "matmul", "matvec"),
+        default="auto",
+        help="the LSTM's products: auto (the fastest measured on this kind of CPU; sample and "
+        "export choose alike), matmul (best on AVX-512 and AMX) or matvec (one "
+        "matrix-vector product per row, best on AVX2 without AVX-512); BENCHMARKS.md 3",
+    )

@@ -87,7 +87,8 @@ class Generator:
 
     ``feed`` and ``draw`` run ``lstm_step.FusedStep`` where the model is one it computes (LSTM
     layers, as ``build_model`` makes them): Keras's numbers in fewer ops per character, so the
-    same text faster. ``step`` always runs Keras's cells.
+    same text faster. ``step`` runs Keras's cells, or with the ``matvec`` kernel the fused step
+    (each row alone), so that it is always ``draw``'s step bit for bit.
 
     Args:
         model: a model from ``build_model`` (any batch size), weights loaded.
@@ -95,9 +96,10 @@ class Generator:
         fused: use the FusedStep where it applies; False runs Keras's cells in every loop.
         weights_dtype: the FusedStep's kernels, ``float32`` or ``bfloat16`` (faster at larger
             batches where the CPU multiplies bf16 natively, but not the float32 text).
-        kernel: the FusedStep's LSTM: ``matmul``, ``matvec`` (one matrix-vector product per
-            row, so rows need no padding; Keras's numbers up to rounding) or ``block``
-            (``tf.raw_ops.LSTMBlockCell``).
+        kernel: the FusedStep's products (``lstm_step.FusedStep``): ``auto``, the fastest
+            measured on this CPU's kind (``lstm_step.default_kernel``); ``matmul``, Keras's
+            cells at the padded row count; ``matvec``, one matrix-vector product per row,
+            Keras's 1x1 model's numbers with no padding; ``block``.
         freeze: the plain draw holds the weights' values as graph constants (an export's
             weights never change; a Sampler's may, so it reads them on every call).
     """
@@ -108,7 +110,7 @@ class Generator:
         vocab: Vocab,
         fused: bool = True,
         weights_dtype: str = "float32",
-        kernel: str = "matmul",
+        kernel: str = "auto",
         freeze: bool = False,
     ):
         self.model, self.vocab = model, vocab
@@ -177,6 +179,8 @@ class Generator:
         Returns:
             ``(logits [batch, vocab], new_states)``.
         """
+        if self.fused is not None and self.fused.kernel == "matvec":
+            return self.fused.once(char_ids, states)
         batch = tf.shape(char_ids)[0]
         logits, states = self._step(*_pad_rows([char_ids, states], batch))
         return logits[:batch], [s[:batch] for s in states]

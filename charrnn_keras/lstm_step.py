@@ -10,6 +10,9 @@ cell call costs about a dozen ops per layer plus the embedding lookup; here:
 - every layer adds in Keras's order (``(x W + h U) + b``), so float32 gives Keras's numbers
   exactly, not merely close ones: the text cannot drift from the cells' at a near-tie;
 - gates are split once, in Keras's order i, f, c, o;
+- ``kernel="matvec"`` multiplies each row alone (a batched matmul of ``[rows, 1, n]``), which
+  is the 1x1 model's own numbers and needs no padding rows; ``auto`` (``default_kernel``)
+  picks it on AVX2 CPUs without AVX-512, where a lone row's product is fastest;
 - ``weights_dtype="bfloat16"`` stores the recurrent, upper-layer and output kernels in
   bfloat16 (half the memory read per step); the state and the gate arithmetic stay float32.
   The text then differs from the float32 model's, so it is opt-in.
@@ -27,10 +30,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from charrnn_keras import cpu
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_DTYPES = ("float32", "bfloat16")
-KERNELS = ("matmul", "block", "matvec")
+KERNELS = ("auto", "matmul", "block", "matvec")
+
+
+def default_kernel(cpuinfo: str | None = None) -> str:
+    """The kernel ``auto`` means: the fastest measured on this kind of CPU.
+
+    ``matvec`` on x86 CPUs with AVX2 and without AVX-512: there a 1-row product runs 2.5x
+    faster than a 2-6-row one, so ``matmul``'s padding to 4 rows costs more than it saves
+    (the export at batch 1: 2.9x the pre-issue-14 export against 0.7-1.0x; batch 8 1.07x
+    against 1.0x). ``matmul`` elsewhere: on AVX-512 and AMX it was measured at 1.5x (batch
+    1) and 1.7x (batch 8) and ``matvec`` never was, and 8 rows there are one product, not 8.
+
+    Args:
+        cpuinfo: the text of /proc/cpuinfo (read when None).
+    """
+    return "matvec" if cpu.avx2_only(cpuinfo) else "matmul"
 
 
 def padded_rows(batch):
@@ -80,6 +100,11 @@ class FusedStep:
     Args:
         model: the built model (any batch size), weights loaded.
         weights_dtype: ``float32`` (the same text as Keras's cells) or ``bfloat16``.
+        kernel: ``matmul``, plain matmuls: Keras's cells' numbers at the same row count, bit
+            for bit (``Generator`` pads the rows, ``padded_rows``); ``matvec``, one
+            matrix-vector product per row: what Keras's 1x1 model computes for the row
+            alone, so rows need no padding (bit for bit on AVX2, where it was measured);
+            ``block``, ``tf.raw_ops.LSTMBlockCell``; ``auto``, ``default_kernel()``.
     """
 
     def __init__(self, model: keras.Model, weights_dtype: str = "float32", kernel: str = "matmul"):
@@ -87,7 +112,7 @@ class FusedStep:
             raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel}")
-        self.kernel = kernel
+        self.kernel = default_kernel() if kernel == "auto" else kernel
         self.dtype = tf.as_dtype(weights_dtype)
         self.embedding = next(m for m in model.layers if isinstance(m, keras.layers.Embedding))
         self.cells = [m.cell for m in model.layers if isinstance(m, keras.layers.LSTM)]
@@ -115,15 +140,37 @@ class FusedStep:
             return [v if v.ndim == 2 else w for v, w in zip(values, live, strict=True)]
         if self.kernel == "block":
             return self._block_weights()
-        first = self.cells[0]
-        embeddings = _value(self.embedding.embeddings)
-        vocab = embeddings.shape[0]  # padded as a batch is, for the cells' bits in every row
+        return [self._table(_value(self.embedding.embeddings)), *self._kernels()]
+
+    def once(self, char_ids, states: list):
+        """One step from the variables, for a single call (the export's ``step``): the
+        layer-1 table is made of the rows' own characters only. ``matvec`` only, where a
+        table row is the row's own product, so this is ``__call__``'s step bit for bit.
+
+        Args:
+            char_ids: int32 ``[batch]``.
+            states: float32 ``[h_1, c_1, ...]``, each ``[batch, units]``.
+
+        Returns:
+            ``(logits [batch, vocab] float32, new states)``.
+        """
+        if self.kernel != "matvec":
+            raise ValueError(f"once() needs the matvec kernel, got {self.kernel}")
+        rows = self._table(tf.gather(_value(self.embedding.embeddings), char_ids))
+        return self([rows, *self._kernels()], tf.range(tf.shape(char_ids)[0]), states)
+
+    def _table(self, embeddings):
+        """``embeddings @ kernel`` of layer 1, ``[rows, 4u]`` float32."""
+        kernel = _value(self.cells[0].kernel)
         if self.kernel == "matvec":
-            table = _rowwise(embeddings, _value(first.kernel))
-        else:
-            padded = tf.pad(embeddings, [[0, padded_rows(vocab) - vocab], [0, 0]])
-            table = tf.matmul(padded, _value(first.kernel))[:vocab]
-        out = [table, self._cast(first.recurrent_kernel), _value(first.bias)]
+            return _rowwise(embeddings, kernel)
+        vocab = embeddings.shape[0]  # padded as a batch is, for the cells' bits in every row
+        padded = tf.pad(embeddings, [[0, padded_rows(vocab) - vocab], [0, 0]])
+        return tf.matmul(padded, kernel)[:vocab]
+
+    def _kernels(self) -> list:
+        first = self.cells[0]
+        out = [self._cast(first.recurrent_kernel), _value(first.bias)]
         for cell in self.cells[1:]:
             out += [self._cast(cell.kernel), self._cast(cell.recurrent_kernel), _value(cell.bias)]
         return out + [self._cast(self.dense.kernel), _value(self.dense.bias)]

@@ -19,7 +19,8 @@ import keras
 
 from charrnn_keras import atomic, initializers, native_lstm
 from charrnn_keras.config import ModelConfig, TrainConfig
-from charrnn_keras.fast_lstm import FastLSTM, native_bf16
+from charrnn_keras.cpu import native_bf16
+from charrnn_keras.fast_lstm import FastLSTM
 from charrnn_keras.replicas import GlobalClipAdam, multi_worker_logs
 from charrnn_keras.vocab import Vocab
 

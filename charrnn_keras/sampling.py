@@ -37,15 +37,17 @@ class Sampler:
         cfg: the run's model settings (its ``[model]`` table).
         vocab: the run's vocabulary.
         model: the built 1x1 sampling model, if already made (else it is built from ``cfg``).
+        kernel: the LSTM products (``generation.Generator``); ``auto``, the fastest measured
+            on this kind of CPU, is what ``charrnn export`` chooses on it too.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab: Vocab, model=None):
+    def __init__(self, cfg: ModelConfig, vocab: Vocab, model=None, kernel: str = "auto"):
         self.cfg = cfg
         self.vocab = vocab
         if model is None:
             model = build_model(cfg, len(vocab), batch_size=1, seq_length=1, name="sampler")
         self.model = model
-        self.generator = generation.Generator(model, vocab)
+        self.generator = generation.Generator(model, vocab, kernel=kernel)
         self._owner = None  # the generation that last reset the state
         self._state_vars = [v for layer in rnn_layers(model) for v in layer.states]
         # Fixed signatures: every call passes tensors of these shapes, so each traces once.
@@ -70,18 +72,21 @@ class Sampler:
         )
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, checkpoint: str | Path | None = None) -> Sampler:
+    def from_run_dir(
+        cls, run_dir: str | Path, checkpoint: str | Path | None = None, kernel: str = "auto"
+    ) -> Sampler:
         """Builds a sampler from a run directory's config, vocabulary and weights.
 
         Args:
             run_dir: a directory written by ``charrnn train``.
             checkpoint: a weights file or a name in the run's checkpoints/ (default: the best).
+            kernel: the LSTM products (see ``Sampler``).
 
         Returns:
             A Sampler holding that checkpoint's weights.
         """
         model, cfg, vocab = generation.load_sampling_model(run_dir, checkpoint)
-        return cls(cfg.model, vocab, model)
+        return cls(cfg.model, vocab, model, kernel)
 
     def set_weights_from(self, model) -> None:
         """Copies the weights of a model with the same layers (e.g. the training model)."""

@@ -378,7 +378,7 @@ def test_a_label_on_a_version_not_served_is_refused(four_versions, tmp_path):
         assert args.model_config_file == str(config)
     args = cli.build_parser().parse_args(["export", "--batching-parameters-file", "b.txt"])
     assert args.batching_parameters_file == "b.txt"
-    assert cli.build_parser().parse_args(["export"]).kernel == "matmul"
+    assert cli.build_parser().parse_args(["export"]).kernel == "auto"
     assert cli.build_parser().parse_args(["export", "--kernel", "matvec"]).kernel == "matvec"
 
 

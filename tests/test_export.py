@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from reference import reference_generate
 
-from charrnn_keras import atomic, cli, generation
+from charrnn_keras import atomic, cli, generation, lstm_step
 from charrnn_keras import model as model_lib
 from charrnn_keras.config import Config, ModelConfig
 from charrnn_keras.errors import CharRNNError
@@ -119,6 +119,7 @@ def test_layout_versions_and_models_config(tiny_run, export_dir, exported, capsy
 def test_export_kernel_flag_reaches_the_graph(tiny_run, export_dir, exported):
     args = ["export", "--run-dir", str(tiny_run), "--export-dir", str(export_dir)]
     assert cli.main([*args, "--version", "2", "--kernel", "matvec"]) == 0
+    assert cli.main([*args, "--version", "3", "--kernel", "matmul"]) == 0
 
     def op_types(version):
         graph = tf.Graph()
@@ -128,7 +129,9 @@ def test_export_kernel_flag_reaches_the_graph(tiny_run, export_dir, exported):
             meta = graph.as_graph_def()
         return {n.op for f in meta.library.function for n in f.node_def} | {n.op for n in meta.node}
 
-    assert "BatchMatMulV2" in op_types("2") and "BatchMatMulV2" not in op_types("1")
+    assert "BatchMatMulV2" in op_types("2") and "BatchMatMulV2" not in op_types("3")
+    # Version 1 has the default, auto: the kernel measured fastest on this kind of CPU.
+    assert ("BatchMatMulV2" in op_types("1")) == (lstm_step.default_kernel() == "matvec")
 
 
 def test_existing_version_is_never_overwritten(tiny_run, export_dir, exported, capsys):

@@ -271,7 +271,7 @@ def test_defaults_train_lstm_layers_with_fast_lstm_and_say_so():
 def test_auto_matmul_dtype_is_bf16_only_on_cpus_that_multiply_it_natively(monkeypatch):
     from charrnn_keras import model as model_lib
     from charrnn_keras.config import ModelConfig
-    from charrnn_keras.fast_lstm import native_bf16
+    from charrnn_keras.cpu import native_bf16
 
     assert native_bf16("flags\t: fpu sse avx512f avx512_bf16 amx_tile\n")
     assert native_bf16("flags\t: fpu amx_bf16\n")

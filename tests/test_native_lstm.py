@@ -91,8 +91,8 @@ def test_bfloat16_kernels_stay_close_to_float32():
 @needs_op
 def test_bfloat16_goes_to_the_tensorflow_loop_where_onednn_has_no_kernels(monkeypatch):
     from charrnn_keras import model as model_lib
+    from charrnn_keras.cpu import native_bf16
     from charrnn_keras.errors import ConfigError
-    from charrnn_keras.fast_lstm import native_bf16
 
     # Where "auto" picks bf16 (the CPU multiplies it natively), oneDNN's op must run it.
     assert native_lstm.runs_bfloat16() or not native_bf16()

@@ -230,6 +230,26 @@ def test_from_run_dir_loads_the_best_checkpoint(sampler, hand_run):
         Sampler.from_run_dir(hand_run, checkpoint="nope.weights.h5")
 
 
+def test_kernel_flag_reaches_the_sampler(sampler, hand_run, monkeypatch, capsys):
+    expected = reference(sampler, "the ", 30, seed=5)
+    for kernel in ("matmul", "matvec"):
+        loaded = Sampler.from_run_dir(hand_run, kernel=kernel)
+        assert loaded.generator.fused.kernel == kernel
+        assert loaded.sample("the ", 30, seed=5) == expected
+    chosen = []
+    from_run_dir = Sampler.from_run_dir.__func__
+
+    def spy(cls, run_dir, checkpoint=None, kernel="auto"):
+        chosen.append(kernel)
+        return from_run_dir(cls, run_dir, checkpoint, kernel)
+
+    monkeypatch.setattr(Sampler, "from_run_dir", classmethod(spy))
+    argv = ["sample", "--run-dir", str(hand_run), "-p", "the ", "-n", "30", "--seed", "5"]
+    assert cli.main(argv) == 0 and cli.main([*argv, "--kernel", "matmul"]) == 0
+    assert chosen == ["auto", "matmul"]
+    assert capsys.readouterr().out == 2 * ("the " + expected + "\n")
+
+
 @pytest.mark.slow
 def test_cli_sample_end_to_end(tiny_run, capsys):
     argv = ["sample", "--run-dir", str(tiny_run), "-p", "the ", "-n", "40", "--seed", "3"]
