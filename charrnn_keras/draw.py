@@ -13,6 +13,8 @@ Only standard TensorFlow ops are used, so TF Serving runs it as it is.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 _NEG_INF = -float("inf")
@@ -128,3 +130,23 @@ def _keep_top_p(scaled, top_p):
     keep_sorted = (before <= top_p[:, None]) | (top_p[:, None] >= 1)
     keep = tf.gather(keep_sorted, tf.argsort(order, stable=True), batch_dims=1)
     return tf.where(keep, scaled, _NEG_INF)
+
+
+class Draw(NamedTuple):
+    """The draw settings of each row, as tensors (see ``draw_next``).
+
+    Args:
+        temperature: float32 ``[batch]``; 0 is argmax.
+        top_k: int32 ``[batch]``; 0 is all characters.
+        top_p: float32 ``[batch]``; 1 is all characters.
+        seed: int64 ``[2]`` shared by the rows, or ``[batch, 2]``, one per row (then each row
+            is drawn exactly as it would be alone).
+        words: bool ``[batch]``: inside a word (after anything but a space) take the most
+            likely character; draw only after a space.
+    """
+
+    temperature: tf.Tensor
+    top_k: tf.Tensor
+    top_p: tf.Tensor
+    seed: tf.Tensor
+    words: tf.Tensor

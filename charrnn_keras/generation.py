@@ -14,13 +14,12 @@ Python values, and ``export_graph.graph_checks`` builds the same checks as graph
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
 from charrnn_keras import checkpoints, draw_loop, lstm_step, rundir
-from charrnn_keras.draw import draw_next
+from charrnn_keras.draw import Draw, draw_next
 from charrnn_keras.errors import SamplingError, VocabError, option
 from charrnn_keras.limits import INT32_MAX, STRATEGIES, UNKNOWN, check_settings
 from charrnn_keras.model import build_model
@@ -292,23 +291,3 @@ def _batch_major(ids):
     AVX-512") on CPUs without its int32 support, on every process's first generation.
     """
     return tf.cast(tf.transpose(tf.cast(ids, tf.float32)), tf.int32)
-
-
-class Draw(NamedTuple):
-    """The draw settings of each row, as tensors (see ``draw.draw_next``).
-
-    Args:
-        temperature: float32 ``[batch]``; 0 is argmax.
-        top_k: int32 ``[batch]``; 0 is all characters.
-        top_p: float32 ``[batch]``; 1 is all characters.
-        seed: int64 ``[2]`` shared by the rows, or ``[batch, 2]``, one per row (then each row
-            is drawn exactly as it would be alone).
-        words: bool ``[batch]``: inside a word (after anything but a space) take the most
-            likely character; draw only after a space.
-    """
-
-    temperature: tf.Tensor
-    top_k: tf.Tensor
-    top_p: tf.Tensor
-    seed: tf.Tensor
-    words: tf.Tensor
