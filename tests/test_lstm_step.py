@@ -116,13 +116,18 @@ def test_matvec_step_is_the_1x1_models_own_numbers():
     gen = generation.Generator(model, Vocab(sorted("abcdefghij ")), kernel="matvec")
     model_lib.reset_states(model)
     states = gen.zero_states(1)
-    for char_id in rng.integers(0, 11, 20):
+    ids = rng.integers(0, 11, 20)
+    for char_id in ids:
         want = model(np.array([[char_id]], np.int32), training=False)[0, -1].numpy()
         got, states = gen.step(tf.constant([char_id], tf.int32), states)
         if cpu.avx2_only():
             np.testing.assert_array_equal(got.numpy()[0], want)
         else:
             np.testing.assert_allclose(got.numpy()[0], want, rtol=1e-5, atol=1e-5)
+    # The feed loop reads layer 1 from the whole vocabulary's table: the same bits.
+    fed = gen.feed(tf.constant([ids], tf.int32), tf.constant([len(ids)]), gen.zero_states(1))
+    for a, b in zip(fed, states, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_other_models_keep_the_cells():
