@@ -22,13 +22,13 @@ def test_shipped_configs_load(name):
     assert cfg.model.num_layers >= 1
 
 
-def test_the_float32_fast_config_is_the_fast_one_with_float32_and_its_learning_rate():
+def test_the_float32_fast_config_is_the_fast_one_with_float32_its_learning_rate_and_dropout():
     from conftest import REPO
 
     fast = load_config(REPO / "configs" / "shakespeare_fast.toml")
     f32 = load_config(REPO / "configs" / "shakespeare_fast_float32.toml")
     assert f32.data == fast.data
-    assert f32.model == dataclasses.replace(fast.model, matmul_dtype="float32")
+    assert f32.model == dataclasses.replace(fast.model, matmul_dtype="float32", dropout=0.2)
     assert f32.train == dataclasses.replace(fast.train, learning_rate=0.003)
 
 
