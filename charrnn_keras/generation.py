@@ -121,6 +121,8 @@ class Generator:
             self.fused = lstm_step.FusedStep(model, weights_dtype, kernel)
         elif weights_dtype != "float32":
             raise SamplingError(f"weights_dtype {weights_dtype} needs a model of LSTM layers")
+        # Each row multiplied alone: its bits are its own in any batch, so no padding rows.
+        self.rowwise = self.fused is not None and self.fused.kernel == "matvec"
 
     # -- Python side: what a request means -----------------------------------------------------
 
@@ -178,7 +180,7 @@ class Generator:
         Returns:
             ``(logits [batch, vocab], new_states)``.
         """
-        if self.fused is not None and self.fused.kernel == "matvec":
+        if self.rowwise:
             return self.fused.once(char_ids, states)
         batch = tf.shape(char_ids)[0]
         logits, states = self._step(*_pad_rows([char_ids, states], batch))
@@ -226,8 +228,8 @@ class Generator:
         return [s[:batch] for s in states]
 
     def _pad(self, structure, batch):
-        """``_pad_rows`` unless the fused step multiplies each row alone (``kernel="matvec"``)."""
-        if self.fused is not None and self.fused.kernel == "matvec":
+        """``_pad_rows`` unless each row is multiplied alone (``rowwise``)."""
+        if self.rowwise:
             return structure
         return _pad_rows(structure, batch)
 
