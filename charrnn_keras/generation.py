@@ -214,7 +214,8 @@ class Generator:
         batch = tf.shape(lengths)[0]
         ids, lengths, states = self._pad([ids, lengths, states], batch)
         if self.fused is not None:
-            states = draw_loop.feed(self.fused, self.fused.weights(), ids, lengths, states)
+            weights = self.fused.weights(rows=ids.shape[0])
+            states = draw_loop.feed(self.fused, weights, ids, lengths, states)
             return [s[:batch] for s in states]
 
         def body(t, states):
@@ -253,8 +254,9 @@ class Generator:
         settings = rows._replace(seed=settings.seed) if shared_seed else rows
         if self.fused is not None:
             step = self.fused
-            frozen = step.weights(frozen=True) if self.freeze else None
-            ids, prev, states = draw_loop.draw(step, step.weights(), prev, states, count,
+            known = prev.shape[0]  # when tracing for one row (charrnn sample)
+            frozen = step.weights(frozen=True, rows=known) if self.freeze else None
+            ids, prev, states = draw_loop.draw(step, step.weights(rows=known), prev, states, count,
                                                settings, start, self.space_id, frozen)  # fmt: skip
             return _batch_major(ids)[:batch], prev[:batch], [s[:batch] for s in states]
         # Slot 0 is a dummy so that stack() works for count == 0.

@@ -12,7 +12,10 @@ cell call costs about a dozen ops per layer plus the embedding lookup; here:
 - gates are split once, in Keras's order i, f, c, o;
 - ``kernel="matvec"`` multiplies each row alone (a batched matmul of ``[rows, 1, n]``), which
   is the 1x1 model's own numbers and needs no padding rows; ``auto`` (``default_kernel``)
-  picks it on AVX2 CPUs without AVX-512, where a lone row's product is fastest;
+  picks it on AVX2 CPUs without AVX-512, where a lone row's product is fastest. Matrices of
+  1 MiB or more are held in blocks of 64 columns, multiplied block by block, each block by
+  every row while it is in the L2 cache: the same bits, and batches of several rows read
+  the weights from L3 once a step instead of once a row;
 - ``weights_dtype="bfloat16"`` stores the recurrent, upper-layer and output kernels in
   bfloat16 (half the memory read per step); the state and the gate arithmetic stay float32.
   The text then differs from the float32 model's, so it is opt-in.
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DTYPES = ("float32", "bfloat16")
 KERNELS = ("auto", "matmul", "block", "matvec")
+# matvec's column blocks: 64 columns of 512 rows are 128 KiB, well inside a 512 KiB L2.
+COLUMN_BLOCK = 64
+BLOCKED_BYTES = 1 << 20  # smaller matrices stay in L2 whole; blocks would only cost ops
 
 
 def default_kernel(cpuinfo: str | None = None) -> str:
@@ -119,7 +125,7 @@ class FusedStep:
         self.cells = [m.cell for m in model.layers if isinstance(m, keras.layers.LSTM)]
         self.dense = next(m for m in model.layers if isinstance(m, keras.layers.Dense))
 
-    def weights(self, frozen: bool = False) -> list:
+    def weights(self, frozen: bool = False, rows: int | None = None) -> list:
         """The derived weights, as tensors: call once, outside the loop.
 
         Args:
@@ -128,6 +134,9 @@ class FusedStep:
                 tensors: a constant bias lets Grappler fold ``(x W + h U) + b`` into a fused
                 matmul with its bias, other rounding than Keras's and, at batch 8, about 3x
                 slower than the plain matmul on oneDNN (BENCHMARKS.md, 3).
+            rows: the batch's rows where the trace knows them. ``matvec`` holds its large
+                matrices in column blocks (``_column_blocks``) unless there is one row, which
+                reads each matrix once a step either way and pays for the blocks' extra ops.
 
         Returns:
             ``[table, U_1, b_1, (W_2, U_2, b_2), ..., dense kernel, dense bias]``: the layer-1
@@ -135,13 +144,13 @@ class FusedStep:
             ``weights_dtype``.
         """
         if frozen:
-            live = self.weights()
+            live = self.weights(rows=rows)
             with tf.init_scope():  # eagerly, even while a graph is traced
-                values = [w.numpy() for w in self.weights()]
-            return [v if v.ndim == 2 else w for v, w in zip(values, live, strict=True)]
+                values = [w.numpy() for w in self.weights(rows=rows)]
+            return [v if v.ndim >= 2 else w for v, w in zip(values, live, strict=True)]
         if self.kernel == "block":
             return self._block_weights()
-        return [self._table(_value(self.embedding.embeddings)), *self._kernels()]
+        return [self._table(_value(self.embedding.embeddings)), *self._kernels(rows != 1)]
 
     def once(self, char_ids, states: list):
         """One step from the variables, for a single call (the export's ``step``): the
@@ -169,15 +178,20 @@ class FusedStep:
         padded = tf.pad(embeddings, [[0, padded_rows(vocab) - vocab], [0, 0]])
         return tf.matmul(padded, kernel)[:vocab]
 
-    def _kernels(self) -> list:
-        first = self.cells[0]
-        out = [self._cast(first.recurrent_kernel), _value(first.bias)]
-        for cell in self.cells[1:]:
-            out += [self._cast(cell.kernel), self._cast(cell.recurrent_kernel), _value(cell.bias)]
-        return out + [self._cast(self.dense.kernel), _value(self.dense.bias)]
+    def _kernels(self, blocked: bool = True) -> list:
+        def matrix(variable):
+            w = tf.cast(_value(variable), self.dtype)
+            big = (
+                w.shape.num_elements() * w.dtype.size >= BLOCKED_BYTES
+                and w.shape[1] % COLUMN_BLOCK == 0
+            )
+            return _column_blocks(w) if blocked and big and self.kernel == "matvec" else w
 
-    def _cast(self, variable):
-        return tf.cast(_value(variable), self.dtype)
+        first = self.cells[0]
+        out = [matrix(first.recurrent_kernel), _value(first.bias)]
+        for cell in self.cells[1:]:
+            out += [matrix(cell.kernel), matrix(cell.recurrent_kernel), _value(cell.bias)]
+        return out + [matrix(self.dense.kernel), _value(self.dense.bias)]
 
     def __call__(self, weights: list, char_ids, states: list):
         """One character per row through every layer.
@@ -230,7 +244,10 @@ class FusedStep:
         return tf.matmul(x, weights[-2]) + weights[-1], new
 
     def _matmul(self, x, w):
-        product = _rowwise if self.kernel == "matvec" else tf.matmul
+        if w.shape.rank == 4:
+            product = _blockwise
+        else:
+            product = _rowwise if self.kernel == "matvec" else tf.matmul
         if self.dtype == tf.float32:
             return product(x, w)
         return tf.cast(product(tf.cast(x, self.dtype), w), tf.float32)
@@ -241,6 +258,23 @@ def _rowwise(x, w):
     each row's bits are its own in any batch, so rows need no padding, and on AVX2 a 1-row
     product runs 2.5x faster than a 2-6-row one (BENCHMARKS.md, 3)."""
     return tf.matmul(x[:, None, :], w)[:, 0, :]
+
+
+def _column_blocks(w, width: int = COLUMN_BLOCK):
+    """``w [n, m]`` as ``[m / width, 1, n, width]``, its blocks of ``width`` columns."""
+    n, m = w.shape
+    return tf.transpose(tf.reshape(w, [n, m // width, width]), [1, 0, 2])[:, None]
+
+
+def _blockwise(x, blocks):
+    """``x @ w`` from ``_column_blocks(w)``: one matrix-vector product per block and row, all
+    rows of a block one after another (the batched matmul runs its batch in order), so the
+    block is read from L2 for every row but the first. A column's sum is the same whatever
+    columns are beside it, so these are ``_rowwise``'s bits (on AVX2 the batch-8 product ran
+    1.2-2.4x faster for 256-1,024 units: BENCHMARKS.md, 3)."""
+    y = tf.matmul(x[None, :, None, :], blocks)  # [blocks, rows, 1, width]
+    columns = blocks.shape[0] * blocks.shape[3]
+    return tf.reshape(tf.transpose(y[:, :, 0, :], [1, 0, 2]), [-1, columns])
 
 
 def _gates(z, c):

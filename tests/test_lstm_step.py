@@ -104,16 +104,20 @@ def test_auto_kernel_is_matvec_only_on_avx2_cpus_without_avx512():
         lstm_step.FusedStep(model, kernel="gemv")
 
 
-def test_matvec_step_is_the_1x1_models_own_numbers():
+@pytest.mark.parametrize("units", [32, 256])
+def test_matvec_step_is_the_1x1_models_own_numbers(units):
     """The oracle of tests/reference.py, the stateful 1x1 model called one character at a
     time: the matvec step is its logits bit for bit where it was measured (AVX2 without
-    AVX-512, where the padded matmul rounds as a 4-row block and never matched)."""
-    cfg = ModelConfig(embedding_dim=8, rnn_size=32, num_layers=2)
+    AVX-512, where the padded matmul rounds as a 4-row block and never matched). With 256
+    units the step multiplies its 1 MiB matrices block by block (lstm_step._blockwise)."""
+    cfg = ModelConfig(embedding_dim=8, rnn_size=units, num_layers=2)
     model = model_lib.build_model(cfg, 11, batch_size=1, seq_length=1)
     rng = np.random.default_rng(0)
     model.set_weights([rng.normal(size=w.shape).astype(np.float32) * 0.3 for w in
                        model.get_weights()])  # fmt: skip
     gen = generation.Generator(model, Vocab(sorted("abcdefghij ")), kernel="matvec")
+    ranks = {w.shape.rank for w in gen.fused.weights()[1:-1:3]}  # the recurrent kernels
+    assert ranks == ({4} if units == 256 else {2})
     model_lib.reset_states(model)
     states = gen.zero_states(1)
     ids = rng.integers(0, 11, 20)
