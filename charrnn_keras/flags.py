@@ -10,7 +10,7 @@ import argparse
 import math
 
 from charrnn_keras.config import DISTRIBUTE
-from charrnn_keras.limits import STRATEGIES, UNKNOWN
+from charrnn_keras.limits import KERNELS, STRATEGIES, UNKNOWN
 from charrnn_keras.serving.names import DEFAULT_MAX_CHARS
 
 
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_kernel_flag(p) -> None:
     p.add_argument(
         "--kernel",
-        choices=("auto", "matmul", "matvec"),
+        choices=tuple(k for k in KERNELS if k != "block"),
         default="auto",
         help="the LSTM's products: auto (the fastest measured on this kind of CPU; sample and "
         "export choose alike), matmul (best on AVX-512 and AMX) or matvec (one "

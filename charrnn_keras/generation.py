@@ -21,7 +21,7 @@ import tensorflow as tf
 from charrnn_keras import checkpoints, draw_loop, lstm_step, rundir
 from charrnn_keras.draw import Draw, draw_next
 from charrnn_keras.errors import SamplingError, VocabError, option
-from charrnn_keras.limits import INT32_MAX, STRATEGIES, UNKNOWN, check_settings
+from charrnn_keras.limits import INT32_MAX, KERNELS, STRATEGIES, UNKNOWN, check_settings
 from charrnn_keras.model import build_model
 from charrnn_keras.vocab import Vocab, format_chars
 
@@ -117,6 +117,8 @@ class Generator:
         self.space_id = vocab.index.get(" ", -1)
         self.fallback = fallback_prime(vocab)
         self.fused, self.freeze = None, freeze
+        if kernel not in KERNELS:  # checked for every model, not only LSTM ones
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel}")
         if fused and lstm_step.supported(model):
             self.fused = lstm_step.FusedStep(model, weights_dtype, kernel)
         elif weights_dtype != "float32":

@@ -15,6 +15,8 @@ import numpy as np
 from charrnn_keras.errors import SamplingError
 
 STRATEGIES = ("sample", "words")
+# The generation step's products (lstm_step.FusedStep); the CLI offers all but "block".
+KERNELS = ("auto", "matmul", "matvec", "block")
 UNKNOWN = ("error", "skip")
 INT32_MAX = 2**31 - 1
 

@@ -34,11 +34,11 @@ import numpy as np
 import tensorflow as tf
 
 from charrnn_keras import cpu
+from charrnn_keras.limits import KERNELS
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DTYPES = ("float32", "bfloat16")
-KERNELS = ("auto", "matmul", "block", "matvec")
 # matvec's column blocks: 64 columns of 512 rows are 128 KiB, well inside a 512 KiB L2.
 COLUMN_BLOCK = 64
 BLOCKED_BYTES = 1 << 20  # smaller matrices stay in L2 whole; blocks would only cost ops

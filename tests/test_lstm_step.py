@@ -139,6 +139,8 @@ def test_other_models_keep_the_cells():
     model = model_lib.build_model(cfg, 5, batch_size=1, seq_length=1)
     assert not lstm_step.supported(model)
     assert generation.Generator(model, Vocab(sorted("abcd "))).fused is None
+    with pytest.raises(ValueError, match="kernel must be one of .* got gemv"):
+        generation.Generator(model, Vocab(sorted("abcd ")), kernel="gemv")  # GRUs too
 
 
 def test_noise_blocks_are_the_numbers_of_each_position():
