@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 WEIGHTS_DTYPES = ("float32", "bfloat16")
 # matvec's column blocks: 64 columns of 512 rows are 128 KiB, well inside a 512 KiB L2.
 COLUMN_BLOCK = 64
-BLOCKED_BYTES = 1 << 20  # smaller matrices stay in L2 whole; blocks would only cost ops
+# A 128-unit layer's 256 KiB matrix stays in L2 whole, where blocks only add ops; from
+# 256 units (1 MiB) on they paid (BENCHMARKS.md, 3, "Column blocks").
+BLOCKED_BYTES = 1 << 20
 
 
 def default_kernel(cpuinfo: str | None = None) -> str:
@@ -271,7 +273,7 @@ def _blockwise(x, blocks):
     rows of a block one after another (the batched matmul runs its batch in order), so the
     block is read from L2 for every row but the first. A column's sum is the same whatever
     columns are beside it, so these are ``_rowwise``'s bits (on AVX2 the batch-8 product ran
-    1.2-2.4x faster for 256-1,024 units: BENCHMARKS.md, 3)."""
+    1.2-2.6x faster for 256-1,024 units: BENCHMARKS.md, 3)."""
     y = tf.matmul(x[None, :, None, :], blocks)  # [blocks, rows, 1, width]
     columns = blocks.shape[0] * blocks.shape[3]
     return tf.reshape(tf.transpose(y[:, :, 0, :], [1, 0, 2]), [-1, columns])
