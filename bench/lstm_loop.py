@@ -9,14 +9,15 @@ Two measurements, each thread setting in its own process (TensorFlow fixes its p
 first op), every figure the median of interleaved 1-second windows:
 
 - ``layer``: one LSTM layer of the seed shape, forward and backward (a scalar loss of the
-  outputs and the cell state), in milliseconds: FastLSTM's TensorFlow loop in bf16 (with the
-  chains and time_chunks of ``configs/shakespeare_fast.toml``), and oneDNN's op in bf16 and
-  float32.
+  outputs and the cell state), in milliseconds: oneDNN's op in float32 and, where oneDNN runs
+  bf16 (AVX-512), in bf16, and FastLSTM's TensorFlow loop in bf16 (with the chains and
+  time_chunks of ``configs/shakespeare_fast.toml``); and, where PyTorch is installed, its
+  ``nn.LSTM`` in float32 (``torch-f32``) in a process of its own at ``--torch-threads``.
 - ``step``: the seed model's whole Keras training step on the op (``train_on_batch`` through
   ``build_model``/``compile_model``) in bf16 and float32, each with the batch split by the
   pools (``native_lstm.op_chains``, what trains) and as one op per layer (``_one_op``); and the
-  bf16 step's parts: forward alone, forward and backward, and with Adam (clipped) but outside
-  Keras's train function.
+  bf16 step's parts (the float32 step's where oneDNN has no bf16): forward alone, forward and
+  backward, and with Adam (clipped) but outside Keras's train function.
 
 Results go to ``bench/results/lstm_loop_<parts>.json``.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import statistics
 import time
@@ -77,20 +79,42 @@ def layer_worker(shape: dict, rounds: int) -> dict:
         return lambda: step()[0].numpy()
 
     chunks = max(1, t // 10)
-    return _windows(
-        {
+    fns = {
+        "onednn-f32": timed(lambda *a: native_lstm.lstm_sequence(*a)),
+        # The batch split into one op per inter-op thread, as FastLSTM trains on these pools.
+        "onednn-f32-split": timed(lambda *a: native_lstm.lstm_sequence(
+            *a, chains=native_lstm.op_chains())),
+    }  # fmt: skip
+    if native_lstm.runs_bfloat16():  # oneDNN's bf16 LSTM needs AVX-512
+        fns |= {
             "tensorflow-bf16": timed(lambda *a: tf_lstm.lstm_sequence(
                 *a, matmul_dtype="bfloat16", chains=2, time_chunks=chunks)),
             "onednn-bf16": timed(lambda *a: native_lstm.lstm_sequence(*a, bfloat16=True)),
-            "onednn-f32": timed(lambda *a: native_lstm.lstm_sequence(*a)),
-            # The batch split into one op per inter-op thread, as FastLSTM trains on these pools.
             "onednn-bf16-split": timed(lambda *a: native_lstm.lstm_sequence(
                 *a, bfloat16=True, chains=native_lstm.op_chains())),
-            "onednn-f32-split": timed(lambda *a: native_lstm.lstm_sequence(
-                *a, chains=native_lstm.op_chains())),
-        },
-        rounds,
-    )  # fmt: skip
+        }  # fmt: skip
+    return _windows(fns, rounds)
+
+
+def torch_layer_worker(shape: dict, rounds: int) -> dict:
+    """PyTorch's ``nn.LSTM`` layer of the seed shape (the same oneDNN primitive), forward and
+    backward as ``layer_worker`` times ours, at PyTorch's threads from ``--threads-one``."""
+    import torch
+
+    b, t, n_in, u = (
+        shape["batch_size"],
+        shape["seq_length"],
+        shape["embedding_dim"],
+        shape["rnn_size"],
+    )
+    layer = torch.nn.LSTM(n_in, u, batch_first=True)
+    x = torch.randn(b, t, n_in, requires_grad=True)
+
+    def step():
+        y, (_, c) = layer(x)
+        (y.sum() + c.sum()).backward()
+
+    return _windows({"torch-f32": step}, rounds)
 
 
 def step_worker(shape: dict, rounds: int) -> dict:
@@ -125,11 +149,12 @@ def step_worker(shape: dict, rounds: int) -> dict:
         native_lstm.op_chains = pools
         return model
 
+    impls = ("onednn-bf16", "onednn") if native_lstm.runs_bfloat16() else ("onednn",)
     steps = {
         f"keras_step_{impl}{'_one_op' if one_op else ''}": keras_model(impl, one_op)
-        for impl in ("onednn-bf16", "onednn") for one_op in (False, True)
+        for impl in impls for one_op in (False, True)
     }  # fmt: skip
-    model = steps["keras_step_onednn-bf16"]
+    model = steps[f"keras_step_{impls[0]}"]
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     weights = model.trainable_variables
     adam = keras.optimizers.Adam(global_clipnorm=5.0)
@@ -167,10 +192,17 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", default=THREADS, help="intra,inter")
     parser.add_argument("--rounds", type=int, default=5, help="windows per measurement")
     parser.add_argument("--parts", nargs="+", default=["layer", "step"], choices=["layer", "step"])
-    parser.add_argument("--worker", choices=["layer", "step"], help=argparse.SUPPRESS)
+    parser.add_argument("--torch-threads", default="2,1", help="PyTorch's threads,interop")
+    parser.add_argument("--worker", choices=["layer", "step", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--threads-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == "torch":
+        import torch_ref
+
+        torch_ref.set_threads(*(int(v) for v in args.threads_one.split(",")))
+        common.emit(torch_layer_worker(common.CONFIGS[args.shape], args.rounds))
+        return
     if args.worker:
         common.set_tf_threads(*(int(v) for v in args.threads_one.split(",")))
         worker = layer_worker if args.worker == "layer" else step_worker
@@ -180,16 +212,20 @@ def main() -> None:
     for shape in args.shapes:
         entry = results["shapes"][shape] = {"shape": common.CONFIGS[shape]}
         for what in args.parts:
-            for threads in args.threads:
+            runs = [(what, threads) for threads in args.threads]
+            if what == "layer" and importlib.util.find_spec("torch"):
+                runs.append(("torch", args.torch_threads))
+            for worker, threads in runs:
                 r = common.run_worker(
                     "lstm_loop.py",
-                    ["--worker", what, "--shape", shape, "--threads-one", threads,
+                    ["--worker", worker, "--shape", shape, "--threads-one", threads,
                      "--rounds", str(args.rounds)],
                     timeout=900,
                 )  # fmt: skip
                 r.pop("wall_s", None)
-                entry.setdefault(what, {})[threads] = r
-                print(f"{shape} {what} threads {threads}: {r} (ms)", flush=True)
+                key = threads if worker == what else f"{worker} {threads}"
+                entry.setdefault(what, {})[key] = r
+                print(f"{shape} {what} threads {key}: {r} (ms)", flush=True)
     path = common.RESULTS / f"lstm_loop_{'_'.join(args.parts)}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {path}")

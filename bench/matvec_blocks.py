@@ -4,6 +4,7 @@ Usage::
 
     python bench/matvec_blocks.py                        # 128-1,024 units, rows 1 and 8
     python bench/matvec_blocks.py --units 512 --blocks 32 64 128 --windows 9
+    python bench/matvec_blocks.py --units 512 --blocks 64 --tall   # and the transposed matmul
 
 For each ``units`` (an LSTM layer's ``[units, 4 units]`` matrix), three random matrices are
 multiplied in turn, each product feeding the next, in a ``tf.while_loop`` of ``--steps``
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--windows", type=int, default=7)
+    parser.add_argument("--tall", action="store_true", help="also the transposed matmul")
     args = parser.parse_args()
     common.set_tf_threads(1, 2)
     print(common.machine())
@@ -65,6 +67,16 @@ def main() -> None:
             blocked = [lstm_step._column_blocks(w, width) for w in mats]
             variants[f"blocks of {width}"] = [lambda x, b=b: lstm_step._blockwise(x, b)
                                               for b in blocked]  # fmt: skip
+        if args.tall:
+            tall = [tf.transpose(w) for w in mats]
+            variants["tall"] = [lambda x, t=t: tf.transpose(tf.matmul(t, x, transpose_b=True))
+                                for t in tall]  # fmt: skip
+            xs = rng.normal(size=(16, units)).astype(np.float32)
+            among_8 = variants["tall"][0](tf.constant(xs[:8])).numpy()
+            shared = [rows for rows in (1, 2, 3, 4, 5, 8, 9, 16)
+                      if np.array_equal(variants["tall"][0](tf.constant(xs[:rows])).numpy()[:8],
+                                        among_8[:rows])]  # fmt: skip
+            print(f"{units} units: tall, rows whose bits are those they get among 8 at {shared}")
         for rows in (1, 2, 3, 8, 16):
             x = tf.constant(rng.normal(size=(rows, units)).astype(np.float32))
             whole = variants["whole"][0](x).numpy()
