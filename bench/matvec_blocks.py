@@ -13,6 +13,12 @@ against ``lstm_step._blockwise`` on blocks of each ``--blocks`` width. Windows a
 between the variants; medians of microseconds per product are printed. Before timing, every
 variant's product is checked bit for bit against the whole matrix's for 1, 2, 3, 8 and 16
 rows (``lstm_step`` relies on it: a row alone and the same row in a batch get the same text).
+
+``--tall`` adds ``(w^T x^T)^T``, one matmul of the transposed matrix by the rows (``[4u, u] @
+[u, rows]``): it reads each weight once for all rows, but its bits are never the whole
+matrix's (so the check above reports it at every row count); it also prints at which row
+counts a row gets the bits it gets among 8 (issue 14's search for a product that keeps a
+lone row's bits and runs faster at 8 rows).
 """
 
 from __future__ import annotations

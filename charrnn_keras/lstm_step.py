@@ -51,10 +51,10 @@ def default_kernel(cpuinfo: str | None = None) -> str:
 
     ``matvec`` on x86 CPUs with AVX2 and without AVX-512: there a 1-row product runs 2.5x
     faster than a 2-6-row one, so ``matmul``'s padding to 4 rows costs more than it saves
-    (the export against the pre-issue-14 one, three runs: batch 1 2.6-3.4x against 0.7-1.0x,
-    batch 8 1.0-1.2x against 0.95-1.1x; BENCHMARKS.md, 3). ``matmul`` elsewhere: on AVX-512
-    and AMX it was measured at 1.5x (batch 1) and 1.7x (batch 8) and ``matvec`` never was,
-    and 8 rows there are one product, not 8.
+    (the export against the pre-issue-14 one: batch 1 1.9-3.4x against 0.7-1.0x, batch 8
+    1.55-1.77x with the column blocks against 0.95-1.1x; BENCHMARKS.md, 3). ``matmul``
+    elsewhere: on AVX-512 and AMX it was measured at 1.5x (batch 1) and 1.7x (batch 8) and
+    ``matvec`` never was, and 8 rows there are one product, not 8.
 
     Args:
         cpuinfo: the text of /proc/cpuinfo (read when None).
